@@ -1,0 +1,64 @@
+"""The Python API; the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from graphprune.deps import Dependencies
+from graphprune.errors import OptionError
+from graphprune.ir import Model
+from graphprune.pipeline import PassManager, Progress, Report, parse_pipeline
+from graphprune.plan import validate_budget
+
+
+def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
+                   round_to: int = 1, sparsity: float | None = None, weight_threshold: float | None = None,
+                   seed: int = 0) -> str:
+    """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
+    structural = ratio is not None or threshold is not None
+    unstructured = sparsity is not None or weight_threshold is not None
+    if not structural and not unstructured:
+        raise OptionError("nothing to do: give --ratio or --threshold (structured) and/or "
+                          "--sparsity or --weight-threshold (unstructured)")
+    if sparsity is not None and weight_threshold is not None:
+        raise OptionError("give only one of sparsity and weight-threshold")
+    stages = []
+    if structural:
+        validate_budget(ratio, threshold, round_to)
+        budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
+        stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}",
+                   f"prune{{{budget},round_to={round_to}}}"]
+    if unstructured:
+        amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
+        stages.append(f"sparsify{{{amount}}}")
+    stages += ["cleanup", "verify"]
+    return ",".join(stages)
+
+
+def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, np.ndarray] | None = None,
+          verify: bool = True, progress: Progress | None = None, seed: int = 0, **options) -> Report:
+    """Prune `model` in place with a pipeline text or the options of `build_pipeline`.
+
+    `saliency` maps initializer names to per-weight contributions (e.g. from
+    `frontend.taylor_saliency` + `frontend.saliency_for`) for `importance="saliency"`.
+    """
+    if pipeline is not None and options:
+        raise OptionError(f"give either a pipeline or options ({', '.join(options)}), not both")
+    text = pipeline if pipeline is not None else build_pipeline(seed=seed, **options)
+    manager = PassManager(parse_pipeline(text), verify=verify, seed=seed, progress=progress)
+    if saliency is not None:
+        manager.am.context["saliency"] = dict(saliency)
+    return manager.run(model)
+
+
+def inspect(model: Model) -> Dependencies:
+    """The dependency groups of `model` (after un-sharing constants, as `prune` sees them)."""
+    from graphprune.deps import analyze
+    from graphprune.ir import unshare_constants
+
+    work = model.copy()
+    unshare_constants(work)
+    work.infer_shapes()
+    return analyze(work)

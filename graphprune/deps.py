@@ -1,0 +1,207 @@
+"""Dependency analysis: slots coupled by op rules become pruning groups (networkx components).
+
+A *slot* is one axis of one tensor. Op rules (graphprune.rules) couple slots index-for-index
+(`Same`) or with an offset (`Offset`: Concat/Split/Slice). Offsets cut slots into *segments*;
+the cuts are propagated through every coupling until they agree, then each segment is a node of
+a networkx graph whose connected components are the groups. A group's units are removed together
+from every member. A group is frozen when any member is frozen (graph input/output, unknown op,
+an axis a rule cannot map), and the first reasons are kept for `inspect`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import networkx as nx
+import onnx_graphsurgeon as gs
+
+from graphprune.ir import Model
+from graphprune.rules import RULES, Couplings, RuleContext, Slot, freeze_node
+
+logger = logging.getLogger(__name__)
+
+MAX_REASONS = 5
+
+
+@dataclass(frozen=True)
+class Member:
+    """Elements [start, stop) along `axis` of `tensor` belong to the group, one per unit."""
+
+    tensor: str
+    axis: int
+    start: int
+    stop: int | None
+    is_weight: bool
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    kind: str
+    units: int | None
+    members: tuple[Member, ...]
+    frozen: tuple[str, ...]
+    exact: bool  # removing a unit whose weights are all zero leaves the outputs unchanged
+
+    @property
+    def weights(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.is_weight)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and bool(self.weights) and isinstance(self.units, int) and self.units > 1
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    groups: tuple[Group, ...]
+    #: every slot's segments in order: (start, stop, group id)
+    segments: Mapping[Slot, tuple[tuple[int, int | None, int], ...]]
+
+    def group(self, group_id: int) -> Group:
+        return self.groups[group_id]
+
+    @property
+    def prunable(self) -> tuple[Group, ...]:
+        return tuple(g for g in self.groups if g.prunable)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        weighted = self.weight_groups
+        return {"groups": len(weighted), "prunable": len(self.prunable),
+                "frozen": sum(1 for g in weighted if g.frozen)}
+
+    @property
+    def weight_groups(self) -> tuple[Group, ...]:
+        """Groups that hold weights: the ones worth listing (frozen or not)."""
+        return tuple(g for g in self.groups if g.weights)
+
+
+def collect_couplings(model: Model) -> Couplings:
+    ctx = RuleContext()
+    out = Couplings()
+    for tensor in model.graph.inputs:
+        out.freeze_tensor(tensor, f"graph input '{tensor.name}'")
+    for tensor in model.graph.outputs:
+        out.freeze_tensor(tensor, f"graph output '{tensor.name}'")
+    for node in model.graph.nodes:
+        rule = RULES.get(node.op)
+        if rule is None or (node.domain or "") not in ("", "ai.onnx"):
+            freeze_node(node, ctx, out, f"no dependency rule for {node.op} (node '{node.name}')")
+            continue
+        rule(node, ctx, out)
+    return out
+
+
+def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | None]:
+    tensors = model.tensors()
+    slots: set[Slot] = set()
+    for same in couplings.same:
+        slots.update((same.a, same.b))
+    for offset in couplings.offsets:
+        slots.update((offset.part, offset.whole))
+    slots.update(couplings.frozen)
+    sizes: dict[Slot, int | str | None] = {}
+    for name, axis in slots:
+        tensor = tensors[name]
+        shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+        sizes[(name, axis)] = shape[axis] if shape is not None and axis < len(shape) else None
+    return sizes
+
+
+def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> dict[Slot, list[int]]:
+    """Propagate segment boundaries across couplings until every coupled pair agrees."""
+    # edge: (target, shift, lo, hi): a cut c of the source lands at c + shift in the target
+    # when lo <= c <= hi
+    edges: dict[Slot, list[tuple[Slot, int, int, float]]] = defaultdict(list)
+    inf = float("inf")
+    for same in couplings.same:
+        edges[same.a].append((same.b, 0, 0, inf))
+        edges[same.b].append((same.a, 0, 0, inf))
+    for off in couplings.offsets:
+        length = sizes[off.part]
+        edges[off.part].append((off.whole, off.start, 0, inf))
+        edges[off.whole].append((off.part, -off.start, off.start, off.start + length))
+    cuts: dict[Slot, set[int]] = {s: {0} | ({size} if isinstance(size, int) else set())
+                                  for s, size in sizes.items()}
+    for off in couplings.offsets:
+        cuts[off.whole].update((off.start, off.start + sizes[off.part]))
+    work = list(cuts)
+    while work:
+        slot = work.pop()
+        for target, shift, lo, hi in edges[slot]:
+            new = {c + shift for c in cuts[slot] if lo <= c <= hi} - cuts[target]
+            if new:
+                cuts[target] |= new
+                work.append(target)
+    return {slot: sorted(c) for slot, c in cuts.items()}
+
+
+def analyze(model: Model) -> Dependencies:
+    """Build the groups of `model` (shapes must be inferred)."""
+    couplings = collect_couplings(model)
+    sizes = _slot_sizes(model, couplings)
+    cuts = _refine_cuts(sizes, couplings)
+
+    def segments_of(slot: Slot) -> list[tuple[int, int | None]]:
+        points = cuts[slot]
+        if not isinstance(sizes[slot], int):
+            return [(0, None)]
+        return list(zip(points[:-1], points[1:], strict=True))
+
+    graph = nx.Graph()
+    for slot in cuts:
+        for start, stop in segments_of(slot):
+            graph.add_node((slot, start), stop=stop)
+    for same in couplings.same:
+        for start, _ in segments_of(same.a):
+            graph.add_edge((same.a, start), (same.b, start))
+    for off in couplings.offsets:
+        for start, _ in segments_of(off.part):
+            graph.add_edge((off.part, start), (off.whole, start + off.start))
+
+    order = _tensor_order(model)
+    frozen_tensors = couplings.frozen_tensors
+    constants = {name for name, t in model.tensors().items() if isinstance(t, gs.Constant)}
+    components = sorted(nx.connected_components(graph),
+                        key=lambda comp: min((order.get(s[0], len(order)), s[1], start) for s, start in comp))
+    groups: list[Group] = []
+    segments: dict[Slot, list[tuple[int, int | None, int]]] = defaultdict(list)
+    for group_id, component in enumerate(components):
+        members, reasons, kinds, inexact = [], [], [], []
+        lengths = set()
+        for slot, start in sorted(component, key=lambda s: (order.get(s[0][0], len(order)), s[0][1], s[1])):
+            stop = graph.nodes[(slot, start)]["stop"]
+            name, axis = slot
+            members.append(Member(name, axis, start, stop, name in constants))
+            lengths.add(None if stop is None else stop - start)
+            segments[slot].append((start, stop, group_id))
+            for reason in (couplings.frozen.get(slot), frozen_tensors.get(name)):
+                if reason and reason not in reasons:
+                    reasons.append(reason)
+            if slot in couplings.produced:
+                kinds.append(couplings.produced[slot])
+            if slot in couplings.inexact:
+                inexact.append(couplings.inexact[slot])
+        units = lengths.pop() if len(lengths) == 1 else None
+        if len(lengths) > 0:
+            reasons.append("members disagree on the number of units")
+        groups.append(Group(group_id, kinds[0] if kinds else "units", units, tuple(members),
+                            tuple(reasons[:MAX_REASONS]), exact=not inexact))
+    frozen_count = sum(1 for g in groups if g.weights and g.frozen)
+    logger.debug("dependency analysis: %d groups, %d with weights, %d of those frozen",
+                 len(groups), sum(1 for g in groups if g.weights), frozen_count)
+    return Dependencies(tuple(groups), {slot: tuple(sorted(segs)) for slot, segs in segments.items()})
+
+
+def _tensor_order(model: Model) -> dict[str, int]:
+    order: dict[str, int] = {}
+    for tensor in model.graph.inputs:
+        order.setdefault(tensor.name, len(order))
+    for node in model.graph.nodes:
+        for tensor in list(node.inputs) + list(node.outputs):
+            order.setdefault(tensor.name, len(order))
+    return order

@@ -1,0 +1,147 @@
+"""PyTorch entry: export a module with torch.onnx.export (the torch.export/FX path) into a Model."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphprune.errors import GraphpruneError
+from graphprune.ir import Model, _first_line, check_graph
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 20
+
+
+class ExportError(GraphpruneError):
+    """torch.onnx.export failed or the factory could not be found."""
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs torchvision notices and prints progress; keep the user's terminal clean."""
+    noisy = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo",
+                                                   "onnxscript")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(noisy, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export_proto(module: Any, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None,
+                 output_names: Sequence[str] | None = None, dynamic_batch: bool = False,
+                 opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """`torch.onnx.export(..., dynamo=True)` of `module` in eval mode; returns the ONNX proto."""
+    import torch
+
+    module = module.eval()
+    args = tuple(example_inputs)
+    dynamic_shapes = tuple({0: "batch"} for _ in args) if dynamic_batch else None
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names or []) or None,
+                                        output_names=list(output_names or []) or None,
+                                        dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {_first_line(exc)}") from exc
+    proto = program.model_proto
+    check_graph(proto, where=f"export of {type(module).__name__}")
+    return proto
+
+
+def from_torch(module: Any, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None,
+               output_names: Sequence[str] | None = None, dynamic_batch: bool = False,
+               opset: int = DEFAULT_OPSET) -> Model:
+    """Export a torch module to the graphprune IR, keeping the given input names."""
+    return Model.from_onnx(export_proto(module, example_inputs, input_names, output_names, dynamic_batch, opset))
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve "package.module:factory" to a callable."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ExportError(f"'{spec}' is not of the form MODULE:FACTORY (e.g. graphprune.models.mlp:simple_net)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ExportError(f"cannot import module '{module_name}': {_first_line(exc)}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ExportError(f"module '{module_name}' has no callable '{attr}'")
+    return factory
+
+
+def export_factory(spec: str, **kwargs: Any) -> Model:
+    """Call a factory returning `(module, example_inputs)` or a module with `example_inputs()`."""
+    built = load_factory(spec)()
+    if isinstance(built, tuple) and len(built) == 2:
+        module, example_inputs = built
+    elif hasattr(built, "example_inputs"):
+        module, example_inputs = built, built.example_inputs()
+    else:
+        raise ExportError(f"factory '{spec}' must return (module, example_inputs) or a module with an "
+                          "example_inputs() method")
+    names = kwargs.pop("input_names", None) or getattr(module, "input_names", None)
+    return from_torch(module, example_inputs, input_names=names, **kwargs)
+
+
+# -- torch autograd saliency (first-order Taylor) -------------------------------------------------------
+def taylor_saliency(module: Any, loss_fn: Callable[[Any, Any], Any], batches: Iterable[tuple[Any, Any]],
+                    ) -> dict[str, np.ndarray]:
+    """Per-weight first-order Taylor terms (dL/dw) * w, summed over `batches`, by parameter name.
+
+    Summed per unit (see the `saliency` importance) this is the unit's contribution
+    sum_i (dL/dw_i) * w_i: the first-order change of the loss when the unit is removed.
+    """
+    import torch
+
+    totals = {name: torch.zeros_like(p) for name, p in module.named_parameters()}
+    module.eval()
+    for inputs, targets in batches:
+        module.zero_grad()
+        loss = loss_fn(module(inputs), targets)
+        loss.backward()
+        for name, param in module.named_parameters():
+            if param.grad is not None:
+                totals[name] += (param.grad * param).detach()
+    return {name: t.numpy().astype(np.float64) for name, t in totals.items()}
+
+
+def map_parameters(model: Model, module: Any) -> dict[str, tuple[str, bool]]:
+    """Initializer name -> (parameter name, transposed) by exact value match.
+
+    The exporter renames and pre-transposes weights (`val_56`, [in, out]); values survive. An
+    initializer equal to several parameters maps to the first one.
+    """
+    params = [(name, p.detach().cpu().numpy()) for name, p in module.named_parameters()]
+    mapping: dict[str, tuple[str, bool]] = {}
+    for const in model.weights():
+        values = np.asarray(const.values)
+        for name, array in params:
+            if array.shape == values.shape and np.array_equal(array, values):
+                mapping[const.name] = (name, False)
+                break
+            if array.ndim == 2 and array.T.shape == values.shape and np.array_equal(array.T, values):
+                mapping[const.name] = (name, True)
+                break
+    return mapping
+
+
+def saliency_for(model: Model, module: Any, saliency: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Re-key parameter-name saliency to the model's initializer names (transposing as needed)."""
+    return {init: (saliency[param].T if transposed else saliency[param])
+            for init, (param, transposed) in map_parameters(model, module).items() if param in saliency}

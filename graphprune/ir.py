@@ -1,0 +1,307 @@
+"""The one IR: an ONNX model edited through onnx-graphsurgeon, with safe loading and atomic saving."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from graphprune.errors import InvalidGraphError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+#: protobuf cannot serialize a message of 2 GiB or more; above this many initializer bytes we
+#: save weights as external data.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: tensors above this size are left out of the skeleton used for shape inference.
+SKELETON_TENSOR_BYTES = 1 << 16
+
+
+@dataclass
+class Model:
+    """An ONNX model held as an onnx-graphsurgeon graph plus the model-level fields gs drops."""
+
+    graph: gs.Graph
+    ir_version: int = onnx.IR_VERSION
+    producer_name: str = "graphprune"
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: Path | None = None
+
+    @classmethod
+    def from_onnx(cls, proto: onnx.ModelProto, source: Path | None = None) -> Model:
+        graph = gs.import_onnx(proto)
+        model = cls(
+            graph=graph,
+            ir_version=proto.ir_version,
+            producer_name=proto.producer_name or "graphprune",
+            metadata={p.key: p.value for p in proto.metadata_props},
+            source=source,
+        )
+        model.fold_constant_nodes()
+        return model
+
+    def to_onnx(self) -> onnx.ModelProto:
+        self.graph.toposort()
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto.ir_version = self.ir_version
+        proto.producer_name = self.producer_name
+        for key, value in self.metadata.items():
+            proto.metadata_props.add(key=key, value=value)
+        return proto
+
+    def copy(self) -> Model:
+        """A structural copy; weight arrays are shared, so edits must assign new arrays, never mutate."""
+        return Model(self.graph.copy(), self.ir_version, self.producer_name, dict(self.metadata), self.source)
+
+    # -- views ---------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, gs.Tensor]:
+        return self.graph.tensors()
+
+    def constants(self) -> dict[str, gs.Constant]:
+        return {name: t for name, t in self.graph.tensors().items() if isinstance(t, gs.Constant)}
+
+    def weights(self) -> Iterator[gs.Constant]:
+        """Float initializers: what counts as parameters."""
+        for tensor in self.constants().values():
+            if np.issubdtype(tensor.values.dtype, np.floating):
+                yield tensor
+
+    def param_count(self) -> int:
+        return int(sum(t.values.size for t in self.weights()))
+
+    def weight_bytes(self) -> int:
+        return int(sum(t.values.nbytes for t in self.constants().values()))
+
+    # -- normalisation ------------------------------------------------------------------------
+    def fold_constant_nodes(self) -> int:
+        """Turn `Constant` nodes into initializers so every constant is a gs.Constant."""
+        folded = 0
+        for node in list(self.graph.nodes):
+            if node.op != "Constant" or "value" not in node.attrs:
+                continue
+            out = node.outputs[0]
+            values = node.attrs["value"]
+            array = values.values if isinstance(values, gs.Constant) else np.asarray(values)
+            const = gs.Constant(out.name, np.asarray(array))
+            for consumer in list(out.outputs):
+                consumer.inputs[:] = [const if t is out else t for t in consumer.inputs]
+            self.graph.outputs[:] = [const if t is out else t for t in self.graph.outputs]
+            node.outputs.clear()
+            folded += 1
+        if folded:
+            self.graph.cleanup(remove_unused_graph_inputs=False)
+        return folded
+
+    def infer_shapes(self) -> None:
+        """Clear and re-infer every intermediate shape (gs never does it by itself)."""
+        graph_io = {t.name for t in self.graph.inputs}
+        for tensor in self.graph.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.name not in graph_io:
+                tensor.shape = None
+        skeleton = _skeleton(self.to_onnx())
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        except Exception as exc:  # onnx raises several unrelated types here
+            raise InvalidGraphError(f"shape inference failed: {_first_line(exc)}") from exc
+        tensors = self.graph.tensors()
+        infos = list(inferred.graph.value_info) + list(inferred.graph.output)
+        for info in infos:
+            tensor = tensors.get(info.name)
+            if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
+                continue
+            ttype = info.type.tensor_type
+            if ttype.HasField("shape"):
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in ttype.shape.dim]
+            if ttype.elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with big weights' bytes left out: shape inference needs only their dims."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    for tensor in skeleton.graph.initializer:
+        if len(tensor.raw_data) > SKELETON_TENSOR_BYTES:
+            tensor.ClearField("raw_data")
+            external_data_helper.set_external_data(tensor, location="__skeleton__")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    return skeleton
+
+
+# -- loading --------------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike) -> Model:
+    """Load and validate an ONNX file; every problem becomes a one-line ModelLoadError."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    data = path.read_bytes()
+    if not data:
+        raise ModelLoadError(f"{path}: file is empty")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf parse failed: {_first_line(exc)})") from exc
+    del data
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.graph.output:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (no graph, IR version or graph outputs; "
+                             "is the file truncated or of another format?)")
+    _check_external_data(proto, path)
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: could not read external data: {_first_line(exc)}") from exc
+    check_graph(proto, where=str(path))
+    return Model.from_onnx(proto, source=path)
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    folder = path.parent.resolve()
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: tensor '{tensor.name}'"
+        if not location:
+            raise ModelLoadError(f"{where} is marked external but names no data file")
+        if os.path.isabs(location):
+            raise ModelLoadError(f"{where}: external data path '{location}' is absolute; "
+                                 "only files inside the model's folder are read")
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise ModelLoadError(f"{where}: external data '{location}' points outside the model's folder")
+        if not target.is_file():
+            raise ModelLoadError(f"{where}: external data file '{location}' is missing "
+                                 f"(expected next to the model in {folder})")
+        offset = int(info.get("offset", 0))
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        length = int(info.get("length", int(np.prod(tensor.dims, dtype=np.int64)) * itemsize))
+        size = target.stat().st_size
+        if offset + length > size:
+            raise ModelLoadError(f"{where}: external data '{location}' is too short "
+                                 f"(needs bytes {offset}..{offset + length}, file has {size})")
+
+
+def check_graph(proto: onnx.ModelProto, where: str = "model") -> None:
+    """Refuse graphs that read undefined tensors, then run onnx.checker."""
+    graph = proto.graph
+    defined = {t.name for t in graph.initializer} | {t.name for t in graph.input} | {""}
+    for node in graph.node:
+        for name in node.input:
+            if name not in defined:
+                raise InvalidGraphError(
+                    f"{where}: node '{node.name or node.op_type}' ({node.op_type}) reads tensor '{name}', "
+                    "which no earlier node, initializer or graph input defines")
+        defined.update(node.output)
+    for output in graph.output:
+        if output.name not in defined:
+            raise InvalidGraphError(f"{where}: graph output '{output.name}' is never produced")
+    try:
+        if proto.ByteSize() < (1 << 31) - 1:
+            onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidGraphError(f"{where}: ONNX checker rejected the model: {_first_line(exc)}") from exc
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
+    """Write atomically: everything goes to a temporary folder beside `path`, then is renamed in.
+
+    `external=None` stores weights in `<name>.data` beside the model when they exceed
+    EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB).
+    """
+    path = Path(path)
+    proto = model.to_onnx() if isinstance(model, Model) else model
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if external is None:
+        external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = f"{path.name}.data"
+        staged = staging / path.name
+        if external:
+            onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            if (staging / data_name).exists():
+                os.replace(staging / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(proto, staged)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+# -- constant sharing -------------------------------------------------------------------------------
+def unshare_constants(model: Model) -> int:
+    """Give each use of an initializer its own tensor (the arrays are not copied until edited).
+
+    Exporters de-duplicate equal initializers across unrelated layers; editing one use must not
+    change the others. Returns the number of new tensors.
+    """
+    seen: set[str] = set()
+    created = 0
+    names = set(model.tensors())
+    for node in model.graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant):
+                continue
+            if tensor.name not in seen:
+                seen.add(tensor.name)
+                continue
+            name = _fresh_name(f"{tensor.name}__{node.name or node.op}", names)
+            node.inputs[index] = gs.Constant(name, tensor.values)
+            created += 1
+    return created
+
+
+def dedupe_constants(model: Model) -> int:
+    """Merge initializers with identical dtype, shape and bytes (undoes unneeded un-sharing)."""
+    canonical: dict[tuple, gs.Constant] = {}
+    outputs = {t.name for t in model.graph.outputs}
+    merged = 0
+    for node in model.graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant) or tensor.name in outputs:
+                continue
+            values = np.ascontiguousarray(tensor.values)
+            key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
+            first = canonical.setdefault(key, tensor)
+            if first is not tensor:
+                node.inputs[index] = first
+                merged += 1
+    return merged
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    name, suffix = base, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    taken.add(name)
+    return name
+
+
+def clone_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    return copy.deepcopy(proto)

@@ -1,0 +1,356 @@
+"""Pass contract, registry, text pipelines and the pass manager that verifies after every rewrite.
+
+Pipeline text: passes separated by commas, options in braces, e.g.
+``"deps,importance{kind=l2},prune{ratio=0.5,round_to=8},cleanup,verify"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from graphprune import cost, runtime
+from graphprune.errors import GraphpruneError, PipelineError, VerificationError
+from graphprune.ir import Model
+
+logger = logging.getLogger(__name__)
+
+#: outputs of a lossless pass may differ by this much (relative to the largest output value):
+#: removing zero terms from a sum may reorder the float additions
+LOSSLESS_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base of all passes: a kebab-case `name`, short `aliases`, and a dataclass of options."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def __repr__(self) -> str:
+        values = ",".join(f"{f.name}={getattr(self.options, f.name)}" for f in dataclasses.fields(self.options))
+        return f"{self.name}{{{values}}}" if values else self.name
+
+
+class AnalysisPass(Pass):
+    """Reads the model, returns a frozen result the AnalysisManager caches until a rewrite."""
+
+    def run(self, model: Model, am: AnalysisManager) -> Any:
+        raise NotImplementedError
+
+
+class RewritePass(Pass):
+    """Changes the model in place; `lossless` passes must leave ORT outputs unchanged."""
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        raise NotImplementedError
+
+    @property
+    def lossless(self) -> bool:
+        return False
+
+    def check(self, model: Model, am: AnalysisManager) -> None:
+        """Validate options before anything runs; raise OptionError with advice."""
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    for key in (cls.name, *cls.aliases):
+        if key in REGISTRY and REGISTRY[key] is not cls:
+            raise ValueError(f"pass name '{key}' registered twice")
+        REGISTRY[key] = cls
+    return cls
+
+
+def pass_class(name: str) -> type[Pass]:
+    _load_passes()
+    if name not in REGISTRY:
+        known = ", ".join(sorted({cls.name for cls in REGISTRY.values()}))
+        raise PipelineError(f"unknown pass '{name}' (known passes: {known})")
+    return REGISTRY[name]
+
+
+def _load_passes() -> None:
+    import graphprune.passes  # noqa: F401  (registers every pass)
+
+
+# -- pipeline text ---------------------------------------------------------------------------------
+_ITEM = re.compile(r"\s*([A-Za-z][\w-]*)\s*(?:\{([^{}]*)\})?\s*")
+
+
+def _split_top(text: str) -> list[str]:
+    items, depth, current = [], 0, []
+    for char in text:
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth < 0:
+                raise PipelineError(f"unbalanced '}}' in pipeline '{text}'")
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth != 0:
+        raise PipelineError(f"unbalanced '{{' in pipeline '{text}'")
+    items.append("".join(current))
+    return items
+
+
+def _convert(value: str, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except PipelineError as exc:
+                errors.append(str(exc))
+        raise PipelineError(errors[0] if errors else f"{where}: bad value '{value}'")
+    if origin is Literal:
+        if value not in args:
+            raise PipelineError(f"{where}: '{value}' is not one of {', '.join(map(str, args))}")
+        return value
+    try:
+        if annotation is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return value
+    except ValueError:
+        raise PipelineError(f"{where}: '{value}' is not a valid {annotation.__name__}") from None
+    raise PipelineError(f"{where}: options of type {annotation} cannot be set from text")
+
+
+def make_options(cls: type[Pass], values: dict[str, str]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    hints = typing.get_type_hints(cls.Options)
+    kwargs = {}
+    for key, text in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            valid = ", ".join(fields) or "none"
+            raise PipelineError(f"pass '{cls.name}' has no option '{key}' (options: {valid})")
+        kwargs[name] = _convert(text.strip(), hints[name], f"option '{key}' of pass '{cls.name}'")
+    return cls.Options(**kwargs)
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Turn pipeline text into configured passes; errors name the offending piece."""
+    if not text or not text.strip():
+        raise PipelineError("the pipeline is empty")
+    passes = []
+    for item in _split_top(text):
+        match = _ITEM.fullmatch(item)
+        if not match:
+            raise PipelineError(f"cannot read pipeline item '{item.strip()}' (expected name or name{{k=v,...}})")
+        name, body = match.group(1), match.group(2)
+        cls = pass_class(name)
+        values: dict[str, str] = {}
+        for pair in (body or "").split(","):
+            if not pair.strip():
+                continue
+            if "=" not in pair:
+                raise PipelineError(f"option '{pair.strip()}' of pass '{cls.name}' needs the form key=value")
+            key, value = pair.split("=", 1)
+            values[key.strip()] = value
+        passes.append(cls(make_options(cls, values)))
+    return passes
+
+
+# -- analysis manager ------------------------------------------------------------------------------
+class AnalysisManager:
+    """Caches analysis results by pass name; a modifying rewrite clears the cache."""
+
+    def __init__(self) -> None:
+        self._results: dict[str, Any] = {}
+        self._configured: dict[str, AnalysisPass] = {}
+        self.model: Model | None = None
+        self.context: dict[str, Any] = {}  # shared inputs, e.g. saliency arrays from torch
+
+    def run(self, analysis: AnalysisPass, model: Model) -> Any:
+        self._configured[analysis.name] = analysis
+        self._results[analysis.name] = analysis.run(model, self)
+        return self._results[analysis.name]
+
+    def get(self, name: str, model: Model) -> Any:
+        """The cached result of analysis `name`, re-run (with its last options) when stale."""
+        cls = pass_class(name)
+        if cls.name not in self._results:
+            analysis = self._configured.get(cls.name) or cls()
+            if not isinstance(analysis, AnalysisPass):
+                raise PipelineError(f"'{name}' is not an analysis pass")
+            return self.run(analysis, model)
+        return self._results[cls.name]
+
+    def invalidate(self) -> None:
+        self._results.clear()
+
+
+# -- pass manager ----------------------------------------------------------------------------------
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    stats: dict[str, Any]
+
+
+@dataclass
+class Report:
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    verified: bool = False
+    max_output_diff: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["passes"] = [dataclasses.asdict(p) for p in self.passes]
+        return _jsonable(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+Progress = Callable[[str, int, int], None]
+
+
+class PassManager:
+    """Runs passes in order, verifying the model after every rewrite that modified it."""
+
+    def __init__(self, passes: list[Pass], verify: bool = True, seed: int = 0,
+                 progress: Progress | None = None) -> None:
+        self.passes = passes
+        self.verify = verify
+        self.seed = seed
+        self.progress = progress
+        self.am = AnalysisManager()
+
+    def run(self, model: Model) -> Report:
+        for p in self.passes:
+            if isinstance(p, RewritePass):
+                p.check(model, self.am)
+        model.infer_shapes()
+        report = Report()
+        before = cost.totals(model)
+        report.params_before, report.macs_before, report.flops_before = before.params, before.macs, before.flops
+        feeds = reference = dense = shapes = None
+        if self.verify:
+            proto = model.to_onnx()
+            feeds = runtime.sample_inputs(proto, seed=self.seed)
+            try:
+                check, dense = runtime.verify(proto, feeds)
+            except VerificationError as exc:
+                raise VerificationError(f"the input model does not verify before any pass: {exc}") from exc
+            shapes, reference = check.output_shapes, dense
+            self.am.context.update(feeds=feeds, dense_outputs=dense, output_shapes=shapes)
+        done: list[str] = []
+        for index, p in enumerate(self.passes):
+            if self.progress:
+                self.progress(p.name, index, len(self.passes))
+            start = time.perf_counter()
+            try:
+                if isinstance(p, AnalysisPass):
+                    result = self.am.run(p, model)
+                    outcome = PassResult(False, getattr(result, "stats", {}) or {})
+                    if p.name == "analyze-deps" and not report.groups:
+                        report.groups = [{"id": g.id, "kind": g.kind, "units_before": g.units,
+                                          "units_after": g.units, "frozen": bool(g.frozen)}
+                                         for g in result.weight_groups]
+                else:
+                    outcome = p.run(model, self.am)
+            except GraphpruneError as exc:
+                raise type(exc)(f"pass '{p.name}' failed: {exc}{_after(done)}") from exc
+            except Exception as exc:
+                logger.debug("pass %s raised", p.name, exc_info=True)
+                raise PipelineError(f"pass '{p.name}' failed with {type(exc).__name__}: "
+                                    f"{runtime._first_line(exc)}{_after(done)}") from exc
+            seconds = time.perf_counter() - start
+            if isinstance(p, RewritePass) and outcome.modified:
+                self.am.invalidate()
+                if self.verify:
+                    tolerance = LOSSLESS_TOLERANCE if p.lossless else None
+                    try:
+                        check, reference = runtime.verify(model.to_onnx(), feeds, shapes, reference, tolerance)
+                    except VerificationError as exc:
+                        raise VerificationError(f"pass '{p.name}' produced a model that does not verify: "
+                                                f"{exc}{_after(done)}") from exc
+                    if check.max_abs_diff is not None:
+                        outcome.stats.setdefault("output_change", check.max_abs_diff)
+            _update_groups(report, outcome.stats.pop("group_units", None))
+            report.passes.append(PassRecord(p.name, round(seconds, 4), outcome.modified, outcome.stats))
+            done.append(p.name)
+        after = cost.totals(model)
+        report.params_after, report.macs_after, report.flops_after = after.params, after.macs, after.flops
+        if self.verify:
+            report.verified = True
+            report.max_output_diff = runtime.max_relative_diff(dense, reference)
+        return report
+
+
+def _update_groups(report: Report, group_units: dict[int, int] | None) -> None:
+    """Record new unit counts; group ids are stable across passes because groups are ordered by
+    the first appearance of their tensors, which pruning does not change."""
+    if not group_units:
+        return
+    for entry in report.groups:
+        if entry["id"] in group_units:
+            entry["units_after"] = group_units[entry["id"]]
+
+
+def _after(done: list[str]) -> str:
+    return f" (after passes: {', '.join(done)})" if done else " (it was the first pass)"

@@ -1,0 +1,81 @@
+"""Importance results and pruning plans: which units of each group are kept."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphprune.deps import Dependencies, Group, Member
+from graphprune.errors import OptionError
+
+
+@dataclass(frozen=True)
+class Importance:
+    """One score per unit for every prunable group (higher = more important)."""
+
+    kind: str
+    scores: Mapping[int, np.ndarray]
+
+    @property
+    def stats(self) -> dict[str, object]:
+        return {"kind": self.kind, "groups_scored": len(self.scores)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """For every pruned group, the sorted unit indices kept; groups not listed keep all units."""
+
+    kept: Mapping[int, np.ndarray]
+
+    def removed(self, deps: Dependencies) -> int:
+        return sum(deps.group(gid).units - len(kept) for gid, kept in self.kept.items())
+
+
+def unit_rows(values: np.ndarray, member: Member) -> np.ndarray:
+    """A member's per-element array (weights, gradients...) as [units, elements-per-unit]."""
+    part = np.take(np.asarray(values), np.arange(member.start, member.stop), axis=member.axis)
+    return np.moveaxis(part, member.axis, 0).reshape(member.stop - member.start, -1)
+
+
+def kept_count(units: int, ratio: float, round_to: int) -> int:
+    """Units left after removing `ratio` of them, rounded up to a multiple of `round_to`."""
+    keep = max(1, units - math.floor(units * ratio + 1e-9))
+    return min(units, math.ceil(keep / round_to) * round_to)
+
+
+def validate_budget(ratio: float | None, threshold: float | None, round_to: int) -> None:
+    if (ratio is None) == (threshold is None):
+        raise OptionError("give exactly one of ratio (fraction of units removed) or threshold (importance cut)")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise OptionError(f"ratio must be in [0, 1), got {ratio}: it is the fraction of units removed per group")
+    if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
+        raise OptionError(f"threshold must be a finite number >= 0, got {threshold}")
+    if round_to < 1:
+        raise OptionError(f"round_to must be >= 1, got {round_to}")
+
+
+def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = None,
+              threshold: float | None = None, round_to: int = 1) -> Plan:
+    """Keep the highest-scored units of each prunable group; never remove every unit."""
+    validate_budget(ratio, threshold, round_to)
+    kept: dict[int, np.ndarray] = {}
+    for group in deps.prunable:
+        scores = np.asarray(importance.scores[group.id], dtype=np.float64)
+        # stable ordering: by score descending, lower index first among equals
+        ranking = np.lexsort((np.arange(len(scores)), -scores))
+        if ratio is not None:
+            keep = kept_count(group.units, ratio, round_to)
+        else:
+            keep = int(np.count_nonzero(scores > threshold))
+            keep = min(group.units, max(1, math.ceil(keep / round_to) * round_to))
+        if keep < group.units:
+            kept[group.id] = np.sort(ranking[:keep])
+    return Plan(kept)
+
+
+def group_label(group: Group) -> str:
+    first = group.weights[0] if group.weights else group.members[0]
+    return f"{first.tensor}[axis {first.axis}]"

@@ -1,0 +1,143 @@
+"""Apply a plan: slice every member tensor, then fix the ops whose constants describe sizes.
+
+Weights are sliced along each member axis. Activations need nothing: their shapes are
+re-inferred. Ops that carry sizes or offsets as constants (Split sizes, Slice bounds) are fixed
+by the `FIXUPS` table, one row per op type; fixed constants are always *new* tensors, so a
+constant shared with another node never changes under it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphprune.deps import Dependencies
+from graphprune.ir import Model
+from graphprune.plan import Plan
+from graphprune.rules import Slot
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewriteContext:
+    model: Model
+    kept: dict[Slot, np.ndarray]  # only slots that changed
+    names: set[str]
+
+    def kept_of(self, tensor: gs.Tensor, axis: int) -> np.ndarray | None:
+        return self.kept.get((tensor.name, axis))
+
+    def size_of(self, tensor: gs.Tensor, axis: int, old: int) -> int:
+        kept = self.kept_of(tensor, axis)
+        return old if kept is None else len(kept)
+
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        name, suffix = f"{base}_pruned", 1
+        while name in self.names:
+            name, suffix = f"{base}_pruned_{suffix}", suffix + 1
+        self.names.add(name)
+        return gs.Constant(name, values)
+
+
+def _old_dim(tensor: gs.Tensor, axis: int) -> int:
+    shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+    return shape[axis]
+
+
+def fix_split(node: gs.Node, ctx: RewriteContext) -> None:
+    x = node.inputs[0]
+    axis = node.attrs.get("axis", 0) % len(x.shape)
+    if ctx.kept_of(x, axis) is None:
+        return
+    sizes = np.array([ctx.size_of(y, axis, _old_dim(y, axis)) for y in node.outputs], dtype=np.int64)
+    if ctx.model.graph.opset < 13:
+        node.attrs["split"] = [int(s) for s in sizes]
+        return
+    node.attrs.pop("num_outputs", None)
+    split_input = ctx.constant(f"{node.name}_split", sizes)
+    if len(node.inputs) > 1:
+        node.inputs[1] = split_input
+    else:
+        node.inputs.append(split_input)
+
+
+def fix_slice(node: gs.Node, ctx: RewriteContext) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    rank = len(x.shape)
+    starts = np.array(node.inputs[1].values, dtype=np.int64).copy()
+    ends = np.array(node.inputs[2].values, dtype=np.int64).copy()
+    has_axes = len(node.inputs) > 3 and node.inputs[3].name
+    axes = [int(a) % rank for a in node.inputs[3].values] if has_axes else list(range(len(starts)))
+    changed = False
+    for i, axis in enumerate(axes):
+        kept = ctx.kept_of(x, axis)
+        if kept is None:
+            continue
+        size = _old_dim(x, axis)
+        start = int(starts[i])
+        start = min(max(start + size if start < 0 else start, 0), size)
+        new_start = int(np.count_nonzero(kept < start))
+        starts[i] = new_start
+        ends[i] = new_start + ctx.size_of(y, axis, _old_dim(y, axis))
+        changed = True
+    if changed:
+        node.inputs[1] = ctx.constant(f"{node.name}_starts", starts)
+        node.inputs[2] = ctx.constant(f"{node.name}_ends", ends)
+
+
+#: op type -> function that updates the op's size-carrying constants/attributes after slicing.
+FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
+    "Split": fix_split,
+    "Slice": fix_slice,
+}
+
+
+def kept_indices(deps: Dependencies, plan: Plan) -> dict[Slot, np.ndarray]:
+    """Element indices kept along every slot that loses units."""
+    kept: dict[Slot, np.ndarray] = {}
+    for slot, segments in deps.segments.items():
+        if not any(gid in plan.kept for _, _, gid in segments):
+            continue
+        parts = [start + plan.kept[gid] if gid in plan.kept else np.arange(start, stop)
+                 for start, stop, gid in segments]
+        kept[slot] = np.concatenate(parts).astype(np.int64)
+    return kept
+
+
+def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
+    """Remove the plan's units from `model` in place; returns counts for the report."""
+    kept = kept_indices(deps, plan)
+    tensors = model.tensors()
+    ctx = RewriteContext(model, kept, set(tensors))
+    params_before = model.param_count()
+    by_tensor: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (name, axis), indices in kept.items():
+        by_tensor[name].append((axis, indices))
+    sliced = 0
+    for name, cuts in by_tensor.items():
+        tensor = tensors[name]
+        if isinstance(tensor, gs.Constant):
+            values = np.asarray(tensor.values)
+            for axis, indices in cuts:
+                values = np.take(values, indices, axis=axis)
+            tensor.values = np.ascontiguousarray(values)
+            sliced += 1
+    for node in model.graph.nodes:
+        fixup = FIXUPS.get(node.op)
+        if fixup is not None:
+            fixup(node, ctx)
+    model.infer_shapes()
+    stats = {
+        "groups_pruned": len(plan.kept),
+        "units_removed": plan.removed(deps),
+        "tensors_sliced": sliced,
+        "params_removed": params_before - model.param_count(),
+    }
+    logger.info("pruned %(units_removed)d units in %(groups_pruned)d groups", stats)
+    return stats

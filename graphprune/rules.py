@@ -1,0 +1,375 @@
+"""Dependency op rules: how each op type couples the axes ("slots") of its inputs and outputs.
+
+One table, `RULES`, maps an op type to a function that records couplings into a `Couplings`
+collector. Supporting a new op means adding a row. An op without a row freezes every slot it
+touches (see `freeze_node`), so an unknown op can never lead to a broken graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+Slot = tuple[str, int]
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class Same:
+    """Index i of slot `a` is index i of slot `b` (same size)."""
+
+    a: Slot
+    b: Slot
+
+
+@dataclass(frozen=True)
+class Offset:
+    """Index i of slot `part` is index `start + i` of slot `whole` (Concat, Split, Slice)."""
+
+    part: Slot
+    whole: Slot
+    start: int
+
+
+@dataclass
+class Couplings:
+    """What the rules found: couplings, frozen slots with reasons, and roles of slots."""
+
+    same: list[Same] = field(default_factory=list)
+    offsets: list[Offset] = field(default_factory=list)
+    frozen: dict[Slot, str] = field(default_factory=dict)
+    frozen_tensors: dict[str, str] = field(default_factory=dict)
+    produced: dict[Slot, str] = field(default_factory=dict)  # slot -> unit kind ("neuron", ...)
+    inexact: dict[Slot, str] = field(default_factory=dict)  # removal changes outputs (normalization)
+
+    def couple(self, a: Slot, b: Slot) -> None:
+        self.same.append(Same(a, b))
+
+    def offset(self, part: Slot, whole: Slot, start: int) -> None:
+        self.offsets.append(Offset(part, whole, start))
+
+    def freeze(self, slot: Slot, reason: str) -> None:
+        self.frozen.setdefault(slot, reason)
+
+    def freeze_tensor(self, tensor: gs.Tensor, reason: str) -> None:
+        self.frozen_tensors.setdefault(tensor.name, reason)
+
+
+class RuleContext:
+    """Shape and constant queries the rules need (shapes must be inferred beforehand)."""
+
+    def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
+        if isinstance(tensor, gs.Constant):
+            return list(tensor.values.shape)
+        return None if tensor.shape is None else list(tensor.shape)
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def dim(self, tensor: gs.Tensor, axis: int) -> Dim:
+        shape = self.shape(tensor)
+        return None if shape is None else shape[axis]
+
+    @staticmethod
+    def constant(tensor: gs.Tensor) -> np.ndarray | None:
+        return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+Rule = Callable[[gs.Node, RuleContext, Couplings], None]
+
+
+def _where(node: gs.Node) -> str:
+    return f"{node.op} node '{node.name}'"
+
+
+def _known(dim: Dim) -> bool:
+    return isinstance(dim, int) or (isinstance(dim, str) and dim != "")
+
+
+def _present(tensors: list[gs.Tensor]) -> list[gs.Tensor]:
+    return [t for t in tensors if t is not None and t.name != ""]
+
+
+def freeze_node(node: gs.Node, ctx: RuleContext, out: Couplings, reason: str) -> None:
+    for tensor in _present(node.inputs) + _present(node.outputs):
+        out.freeze_tensor(tensor, reason)
+
+
+def broadcast(node: gs.Node, ctx: RuleContext, out: Couplings, inputs: list[gs.Tensor],
+              output: gs.Tensor, out_axes: list[int] | None = None) -> None:
+    """Numpy broadcasting of `inputs` onto `output` (restricted to `out_axes` when given)."""
+    out_shape = ctx.shape(output)
+    if out_shape is None:
+        for tensor in inputs + [output]:
+            out.freeze_tensor(tensor, f"{_where(node)}: output shape unknown")
+        return
+    out_rank = len(out_shape)
+    axes = range(out_rank) if out_axes is None else out_axes
+    for tensor in inputs:
+        shape = ctx.shape(tensor)
+        if shape is None:
+            out.freeze_tensor(tensor, f"{_where(node)}: input shape unknown")
+            continue
+        lead = out_rank - len(shape)
+        for axis in range(len(shape)):
+            out_axis = axis + lead
+            if out_axis not in axes:
+                continue
+            dim, out_dim = shape[axis], out_shape[out_axis]
+            if _known(dim) and dim == out_dim:
+                out.couple((tensor.name, axis), (output.name, out_axis))
+            elif dim == 1:
+                continue  # broadcast: one value serves every unit
+            else:
+                reason = f"{_where(node)}: cannot tell how axis {axis} of '{tensor.name}' broadcasts"
+                out.freeze((tensor.name, axis), reason)
+                out.freeze((output.name, out_axis), reason)
+
+
+def elementwise(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Unary, binary and variadic elementwise ops with numpy broadcasting."""
+    for output in _present(node.outputs):
+        broadcast(node, ctx, out, _present(node.inputs), output)
+
+
+def gemm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Y[M,N] = A[M,K] @ B[K,N] + C, with transA/transB; B's N axis produces neurons."""
+    a, b = node.inputs[0], node.inputs[1]
+    y = node.outputs[0]
+    trans_a, trans_b = node.attrs.get("transA", 0), node.attrs.get("transB", 0)
+    a_m, a_k = (a.name, 1 if trans_a else 0), (a.name, 0 if trans_a else 1)
+    b_k, b_n = (b.name, 1 if trans_b else 0), (b.name, 0 if trans_b else 1)
+    out.couple(a_k, b_k)
+    out.couple(a_m, (y.name, 0))
+    out.couple(b_n, (y.name, 1))
+    if isinstance(b, gs.Constant):
+        out.produced.setdefault(b_n, "neuron")
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        broadcast(node, ctx, out, [node.inputs[2]], y)
+
+
+def matmul(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Numpy matmul: contraction axis couples A and B, batch axes broadcast."""
+    a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    rank_a, rank_b, rank_y = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    if rank_a is None or rank_b is None or rank_y is None or rank_a < 2 or rank_b < 2:
+        freeze_node(node, ctx, out, f"{_where(node)}: vector or unknown-rank MatMul")
+        return
+    out.couple((a.name, rank_a - 1), (b.name, rank_b - 2))
+    out.couple((a.name, rank_a - 2), (y.name, rank_y - 2))
+    out.couple((b.name, rank_b - 1), (y.name, rank_y - 1))
+    if isinstance(b, gs.Constant):
+        out.produced.setdefault((b.name, rank_b - 1), "neuron")
+    broadcast(node, ctx, out, [a, b], y, out_axes=list(range(rank_y - 2)))
+    # the inputs' last two axes were handled above; keep broadcast from reading them
+    # (it only visits output axes < rank_y - 2, which map to the inputs' batch axes)
+
+
+def batch_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Per-channel scale, bias, mean and variance follow axis 1."""
+    x, y = node.inputs[0], node.outputs[0]
+    rank = ctx.rank(x)
+    if rank is None or rank < 2:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        return
+    for axis in range(rank):
+        out.couple((x.name, axis), (y.name, axis))
+    for param in _present(node.inputs[1:5]):
+        out.couple((param.name, 0), (y.name, 1))
+    for extra in _present(node.outputs[1:]):
+        out.freeze_tensor(extra, f"{_where(node)}: training-mode outputs")
+
+
+def layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Normalization over the last axis couples scale/bias with it; removing a unit is not exact."""
+    x, y = node.inputs[0], node.outputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        return
+    axis = node.attrs.get("axis", -1) % rank
+    for a in range(rank):
+        out.couple((x.name, a), (y.name, a))
+    params = _present(node.inputs[1:3])
+    if axis == rank - 1:
+        for param in params:
+            if ctx.rank(param) == 1 and ctx.dim(param, 0) == ctx.dim(x, axis):
+                out.couple((param.name, 0), (y.name, axis))
+            elif ctx.rank(param) and ctx.dim(param, -1) != 1:
+                out.freeze((param.name, ctx.rank(param) - 1), f"{_where(node)}: parameter shape")
+        out.inexact[(y.name, axis)] = f"{_where(node)} normalizes over this axis"
+    else:
+        reason = f"{_where(node)} normalizes over several axes"
+        for a in range(axis, rank):
+            out.freeze((x.name, a), reason)
+        for param in params:
+            out.freeze_tensor(param, reason)
+    for extra in _present(node.outputs[1:]):
+        out.freeze_tensor(extra, f"{_where(node)}: mean/inv-std outputs")
+
+
+def softmax(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        return
+    axis = node.attrs.get("axis", -1) % rank
+    for a in range(rank):
+        if a == axis:
+            out.freeze((x.name, a), f"{_where(node)} normalizes over this axis")
+            out.freeze((y.name, a), f"{_where(node)} normalizes over this axis")
+        else:
+            out.couple((x.name, a), (y.name, a))
+
+
+def _same_except(out: Couplings, a: gs.Tensor, b: gs.Tensor, rank: int, axis: int) -> None:
+    for other in range(rank):
+        if other != axis:
+            out.couple((a.name, other), (b.name, other))
+
+
+def concat(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    y = node.outputs[0]
+    rank = ctx.rank(y)
+    if rank is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown output rank")
+        return
+    axis = node.attrs["axis"] % rank
+    start = 0
+    for x in _present(node.inputs):
+        size = ctx.dim(x, axis)
+        if not isinstance(size, int):
+            freeze_node(node, ctx, out, f"{_where(node)}: input '{x.name}' has unknown size on axis {axis}")
+            return
+        out.offset((x.name, axis), (y.name, axis), start)
+        _same_except(out, x, y, rank, axis)
+        start += size
+
+
+def split(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        return
+    axis = node.attrs.get("axis", 0) % rank
+    start = 0
+    for y in node.outputs:
+        size = ctx.dim(y, axis)
+        if not isinstance(size, int):
+            freeze_node(node, ctx, out, f"{_where(node)}: output '{y.name}' has unknown size")
+            return
+        out.offset((y.name, axis), (x.name, axis), start)
+        _same_except(out, y, x, rank, axis)
+        start += size
+
+
+def slice_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    rank = ctx.rank(x)
+    bounds = [ctx.constant(t) if t is not None and t.name else None for t in node.inputs[1:5]]
+    while len(bounds) < 4:
+        bounds.append(None)
+    starts, ends, axes, steps = bounds
+    if rank is None or starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3].name
+                                                          and axes is None):
+        freeze_node(node, ctx, out, f"{_where(node)}: starts/ends/axes are not constants")
+        return
+    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
+    steps = [1] * len(axes) if steps is None else [int(s) for s in steps]
+    for axis in range(rank):
+        if axis not in axes:
+            out.couple((x.name, axis), (y.name, axis))
+            continue
+        i = axes.index(axis)
+        size = ctx.dim(x, axis)
+        if steps[i] != 1 or not isinstance(size, int):
+            reason = f"{_where(node)}: strided or unknown-size slice on axis {axis}"
+            out.freeze((x.name, axis), reason)
+            out.freeze((y.name, axis), reason)
+            continue
+        start = int(starts[i])
+        start = min(max(start + size if start < 0 else start, 0), size)
+        out.offset((y.name, axis), (x.name, axis), start)
+
+
+def transpose(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        return
+    perm = node.attrs.get("perm", list(reversed(range(rank))))
+    for out_axis, in_axis in enumerate(perm):
+        out.couple((x.name, int(in_axis)), (y.name, out_axis))
+
+
+def _axes_operand(node: gs.Node, ctx: RuleContext) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = ctx.constant(node.inputs[1])
+        return None if value is None else [int(a) for a in value.reshape(-1)]
+    axes = node.attrs.get("axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def unsqueeze(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    rank_x, rank_y, axes = ctx.rank(x), ctx.rank(y), _axes_operand(node, ctx)
+    if rank_x is None or rank_y is None or axes is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: axes or ranks unknown")
+        return
+    inserted = {a % rank_y for a in axes}
+    kept = [a for a in range(rank_y) if a not in inserted]
+    for in_axis, out_axis in enumerate(kept):
+        out.couple((x.name, in_axis), (y.name, out_axis))
+
+
+def squeeze(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    shape, axes = ctx.shape(x), _axes_operand(node, ctx)
+    if shape is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        return
+    if axes is None:
+        if any(not isinstance(d, int) for d in shape):
+            freeze_node(node, ctx, out, f"{_where(node)}: squeezes unknown dims")
+            return
+        axes = [a for a, d in enumerate(shape) if d == 1]
+    removed = {a % len(shape) for a in axes}
+    kept = [a for a in range(len(shape)) if a not in removed]
+    for out_axis, in_axis in enumerate(kept):
+        out.couple((x.name, in_axis), (y.name, out_axis))
+
+
+ELEMENTWISE_OPS = (
+    # activations and unary math
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "Clip", "HardSwish", "HardSigmoid",
+    "Softplus", "Softsign", "Erf", "Elu", "Selu", "Celu", "Mish", "ThresholdedRelu", "Exp", "Log",
+    "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign",
+    # plumbing that keeps shape
+    "Identity", "Dropout", "Cast", "CastLike",
+    # binary / variadic with broadcasting
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
+)
+
+#: op type -> dependency rule. Ops not listed freeze every slot they touch.
+RULES: dict[str, Rule] = {
+    **{op: elementwise for op in ELEMENTWISE_OPS},
+    "Gemm": gemm,
+    "MatMul": matmul,
+    "BatchNormalization": batch_norm,
+    "LayerNormalization": layer_norm,
+    "Softmax": softmax,
+    "LogSoftmax": softmax,
+    "Concat": concat,
+    "Split": split,
+    "Slice": slice_rule,
+    "Transpose": transpose,
+    "Unsqueeze": unsqueeze,
+    "Squeeze": squeeze,
+}

@@ -1,0 +1,109 @@
+"""ONNX Runtime as the reference executor: sample inputs, sessions, verification."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from graphprune.errors import VerificationError
+from graphprune.ir import EXTERNAL_DATA_THRESHOLD, _first_line, save_model
+
+logger = logging.getLogger(__name__)
+
+#: size used for symbolic (dynamic) input dims when making sample inputs
+DEFAULT_DYNAMIC_DIM = 2
+
+
+def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
+                  ) -> dict[str, np.ndarray]:
+    """Random inputs matching the graph inputs (symbolic dims become `dynamic_dim`)."""
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in proto.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        ttype = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else dynamic_dim for d in ttype.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.random(shape) < 0.5
+        else:
+            feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def session(proto: onnx.ModelProto, threads: int = 1, providers: list[str] | None = None,
+            ) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="graphprune-ort-") as folder:
+        path = save_model(proto, Path(folder) / "model.onnx", external=True)
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session(proto).run(None, feeds)
+
+
+@dataclass(frozen=True)
+class Verification:
+    output_shapes: tuple[tuple[int, ...], ...]
+    max_abs_diff: float | None  # against the reference outputs, when given
+
+    @property
+    def stats(self) -> dict[str, object]:
+        return {"output_shapes": [list(s) for s in self.output_shapes], "max_output_diff": self.max_abs_diff}
+
+
+def max_relative_diff(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """Largest |a - b| scaled by the reference's magnitude (max |a|, at least 1)."""
+    worst = 0.0
+    for ref, out in zip(reference, outputs, strict=True):
+        if ref.size == 0:
+            continue
+        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        scale = max(1.0, float(np.max(np.abs(ref64))))
+        worst = max(worst, float(np.max(np.abs(ref64 - out64))) / scale)
+    return worst
+
+
+def verify(proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
+           expected_shapes: tuple[tuple[int, ...], ...] | None = None,
+           reference: list[np.ndarray] | None = None, tolerance: float | None = None,
+           ) -> tuple[Verification, list[np.ndarray]]:
+    """onnx.checker, shape inference, an ORT run; shapes and (optionally) values against a reference."""
+    try:
+        if proto.ByteSize() < (1 << 31) - 1:
+            onnx.checker.check_model(proto)
+            onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:
+        raise VerificationError(f"ONNX checker/shape inference failed: {_first_line(exc)}") from exc
+    try:
+        outputs = run(proto, feeds)
+    except Exception as exc:
+        raise VerificationError(f"ONNX Runtime could not run the model: {_first_line(exc)}") from exc
+    shapes = tuple(tuple(o.shape) for o in outputs)
+    if expected_shapes is not None and shapes != expected_shapes:
+        raise VerificationError(f"output shapes changed from {list(expected_shapes)} to {list(shapes)}")
+    diff = None
+    if reference is not None:
+        diff = max_relative_diff(reference, outputs)
+        if tolerance is not None and not diff <= tolerance:
+            raise VerificationError(f"outputs changed by {diff:.3g} (relative), more than {tolerance:g} allowed "
+                                    "for a lossless pass")
+    return Verification(shapes, diff), outputs

@@ -1,0 +1,19 @@
+"""graphprune's passes, one per file; importing this package registers them all."""
+
+from graphprune.passes.analyze_deps import AnalyzeDepsPass
+from graphprune.passes.cleanup_graph import CleanupGraphPass
+from graphprune.passes.prune_units import PruneUnitsPass
+from graphprune.passes.score_importance import ScoreImportancePass
+from graphprune.passes.sparsify_weights import SparsifyWeightsPass
+from graphprune.passes.unshare_constants import UnshareConstantsPass
+from graphprune.passes.verify_model import VerifyModelPass
+
+__all__ = [
+    "AnalyzeDepsPass",
+    "CleanupGraphPass",
+    "PruneUnitsPass",
+    "ScoreImportancePass",
+    "SparsifyWeightsPass",
+    "UnshareConstantsPass",
+    "VerifyModelPass",
+]

@@ -1,0 +1,56 @@
+"""prune-units: physically remove the lowest-scored units of every prunable group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from graphprune.deps import Dependencies
+from graphprune.ir import Model
+from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
+from graphprune.plan import make_plan, validate_budget
+from graphprune.rewrite import apply_plan
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    ratio: float | None = None
+    threshold: float | None = None
+    round_to: int = 1
+
+
+@register
+class PruneUnitsPass(RewritePass):
+    """Delete units from every tensor of their group, by ratio or by importance threshold.
+
+    Reads: `analyze-deps`, `score-importance`. Changes: slices weights of every member, fixes
+    Split sizes and Slice bounds, re-infers shapes. Preserves: graph inputs/outputs and their
+    shapes; with `threshold=0`, the outputs (lossless: only units whose every weight is zero go,
+    and only from groups where such a unit contributes nothing, i.e. not normalized over).
+    Options: ratio (fraction of units removed in each group, [0, 1)) or threshold (remove units
+    scoring <= threshold); round_to (kept counts are multiples of it). Never removes every unit.
+    """
+
+    name = "prune-units"
+    aliases = ("prune",)
+    Options = PruneOptions
+
+    @property
+    def lossless(self) -> bool:
+        return self.options.threshold == 0
+
+    def check(self, model: Model, am: AnalysisManager) -> None:
+        validate_budget(self.options.ratio, self.options.threshold, self.options.round_to)
+
+    def run(self, model: Model, am: AnalysisManager) -> PassResult:
+        deps: Dependencies = am.get("analyze-deps", model)
+        importance = am.get("score-importance", model)
+        if self.lossless:
+            # exact removal only: a zero unit still shifts a normalization's mean and variance
+            deps = replace(deps, groups=tuple(g if g.exact else replace(g, frozen=("inexact",))
+                                              for g in deps.groups))
+        plan = make_plan(deps, importance, self.options.ratio, self.options.threshold, self.options.round_to)
+        if not plan.kept:
+            return PassResult(False, {"groups_pruned": 0, "units_removed": 0})
+        stats = apply_plan(model, deps, plan)
+        stats["group_units"] = {gid: len(kept) for gid, kept in plan.kept.items()}
+        return PassResult(True, stats)

@@ -1,0 +1,75 @@
+"""score-importance: one score per unit of every prunable group, aggregated over all members."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from graphprune.errors import OptionError
+from graphprune.ir import Model
+from graphprune.pipeline import AnalysisManager, AnalysisPass, register
+from graphprune.plan import Importance, unit_rows
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["l1", "l2", "random", "saliency"]
+
+
+@dataclass(frozen=True)
+class ImportanceOptions:
+    kind: Kind = "l2"
+    seed: int = 0
+
+
+def _magnitude(rows: list[np.ndarray], kind: str) -> np.ndarray:
+    if kind == "l1":
+        return sum(np.abs(r.astype(np.float64)).sum(axis=1) for r in rows)
+    return np.sqrt(sum(np.square(r.astype(np.float64)).sum(axis=1) for r in rows))
+
+
+@register
+class ScoreImportancePass(AnalysisPass):
+    """Score units by their weights across the whole group.
+
+    Reads: `analyze-deps`, the weights; for `saliency`, per-initializer arrays given by the caller
+    in `am.context["saliency"]` (e.g. the Taylor terms dL/dw * w from torch autograd).
+    Changes: nothing. Result: `Importance`.
+    Options: kind = l1 (sum |w|) | l2 (sqrt of sum w^2) | random (baseline, seeded) | saliency
+    (|sum of the given per-weight contributions| per unit); seed.
+
+    Every member counts: producer rows, consumer columns, biases and norm parameters, so a unit
+    scores zero only when all of its weights are zero.
+    """
+
+    name = "score-importance"
+    aliases = ("importance",)
+    Options = ImportanceOptions
+
+    def run(self, model: Model, am: AnalysisManager) -> Importance:
+        deps = am.get("analyze-deps", model)
+        kind = self.options.kind
+        rng = np.random.default_rng(self.options.seed)
+        saliency = am.context.get("saliency") if kind == "saliency" else None
+        if kind == "saliency" and not saliency:
+            raise OptionError("importance kind 'saliency' needs per-weight contributions "
+                              "(pass saliency=... to graphprune.prune)")
+        tensors = model.tensors()
+        scores: dict[int, np.ndarray] = {}
+        for group in deps.prunable:
+            if kind == "random":
+                scores[group.id] = rng.random(group.units)
+                continue
+            if kind == "saliency":
+                terms = [unit_rows(np.asarray(saliency[m.tensor], np.float64), m) for m in group.weights if m.tensor in saliency]
+                if not terms:
+                    logger.warning("group %d has no saliency for any member; scoring it by l2", group.id)
+                    scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.weights], "l2")
+                else:
+                    scores[group.id] = np.abs(sum(t.sum(axis=1) for t in terms))
+                continue
+            scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.weights], kind)
+        return Importance(kind, scores)
+

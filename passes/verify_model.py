@@ -1,0 +1,27 @@
+"""verify-model: check the current model against the dense one it came from."""
+
+from __future__ import annotations
+
+from graphprune import runtime
+from graphprune.ir import Model
+from graphprune.pipeline import AnalysisManager, AnalysisPass, register
+
+
+@register
+class VerifyModelPass(AnalysisPass):
+    """onnx.checker, shape inference, an ORT run; output shapes equal to the dense model's.
+
+    Reads: the model and, when the pass manager verifies, the dense model's sample inputs and
+    outputs (`am.context`). Changes: nothing. Result: `runtime.Verification` whose
+    `max_abs_diff` is the largest output change relative to the dense model. Options: none.
+    Raises VerificationError when any check fails.
+    """
+
+    name = "verify-model"
+    aliases = ("verify",)
+
+    def run(self, model: Model, am: AnalysisManager) -> runtime.Verification:
+        proto = model.to_onnx()
+        feeds = am.context.get("feeds") or runtime.sample_inputs(proto)
+        check, _ = runtime.verify(proto, feeds, am.context.get("output_shapes"), am.context.get("dense_outputs"))
+        return check
