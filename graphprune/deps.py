@@ -205,3 +205,24 @@ def _tensor_order(model: Model) -> dict[str, int]:
         for tensor in list(node.inputs) + list(node.outputs):
             order.setdefault(tensor.name, len(order))
     return order
+
+
+def render(deps: Dependencies, groups: tuple[Group, ...] | None = None) -> str:
+    """Canonical text of the groups (golden tests, `inspect --members`).
+
+    One block per group: ``group <id> <kind> units=<n> prunable|frozen: <reasons>`` then its
+    members as ``tensor[axis]`` (``tensor[axis][start:stop]`` when the slot is cut into segments);
+    weights are marked with ``*``.
+    """
+    lines = []
+    for group in deps.weight_groups if groups is None else groups:
+        status = "prunable" if group.prunable else "frozen: " + "; ".join(group.frozen or ("single unit",))
+        exact = "" if group.exact else " inexact"
+        lines.append(f"group {group.id} {group.kind} units={group.units}{exact} {status}")
+        members = []
+        for m in group.members:
+            whole = len(deps.segments[(m.tensor, m.axis)]) == 1
+            where = f"[{m.axis}]" if whole else f"[{m.axis}][{m.start}:{m.stop}]"
+            members.append(f"{'*' if m.is_weight else ''}{m.tensor}{where}")
+        lines.append("  " + " ".join(members))
+    return "\n".join(lines) + "\n"

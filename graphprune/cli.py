@@ -1,0 +1,241 @@
+"""The `graphprune` command line: prune, inspect, export, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from graphprune import api
+from graphprune.errors import GraphpruneError, OptionError
+from graphprune.ir import load_model, save_model
+from graphprune.pipeline import Report
+
+logger = logging.getLogger("graphprune")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"graphprune: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="remove units (structured) and/or zero weights (unstructured)",
+                       description="Prune an ONNX model; the input file is never modified.")
+    p.add_argument("input", type=Path, help="ONNX model to prune")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the pruned model")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, help="fraction of units removed in each group, in [0, 1)")
+    budget.add_argument("--threshold", type=float,
+                        help="remove every unit whose group importance is <= EPS (0: lossless dead-unit removal)")
+    p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2", help="unit score (default l2)")
+    p.add_argument("--round-to", type=int, default=1, help="kept units per group are a multiple of N (default 1)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--sparsity", type=float, help="zero the smallest fraction F of each weight tensor")
+    weights.add_argument("--weight-threshold", type=float, help="zero every weight with |w| < EPS")
+    p.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'unshare,deps,importance{kind=l1},"
+                                      "prune{ratio=0.5},cleanup,verify' (replaces the options above)")
+    p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--seed", type=int, default=0, help="seed for sample inputs and random importance")
+    p.add_argument("--no-verify", action="store_true", help="skip ORT verification after each rewrite")
+    p.add_argument("--external-data", action="store_true", help="always store weights in OUTPUT.data")
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="list pruning groups, their units and frozen slots with reasons")
+    p.add_argument("input", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--members", action="store_true", help="list every member tensor of each group")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a PyTorch model factory to ONNX (torch.onnx.export, dynamo)")
+    p.add_argument("factory", help="MODULE:FACTORY returning a module with example_inputs() or "
+                                   "(module, example_inputs)")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--dynamic-batch", action="store_true", help="make axis 0 of every input dynamic")
+    p.add_argument("--input-names", help="comma-separated input names")
+    p.add_argument("--opset", type=int, default=20)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="ORT latency, throughput, size side by side")
+    p.add_argument("models", type=Path, nargs="+")
+    p.add_argument("--batch", type=int, default=1, help="size of dynamic batch axes (default 1)")
+    p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole job on a bundled model")
+    p.add_argument("--out", type=Path, default=Path("graphprune-demo"), help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphprune", description="Graph-level pruning of ONNX and PyTorch models.")
+    parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_prune, _add_inspect, _add_export, _add_bench, _add_demo):
+        add(sub)
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def _check_paths(input_path: Path, output_path: Path) -> None:
+    if input_path.resolve() == output_path.resolve() or (
+            output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path)):
+        raise OptionError(f"output path {output_path} is the input file; choose another path "
+                          "(the input is never overwritten)")
+    if output_path.exists() and output_path.is_dir():
+        raise OptionError(f"output path {output_path} is a folder; give a file name")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    _check_paths(args.input, args.output)
+    shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
+                 "weight_threshold": args.weight_threshold}
+    if args.pipeline:
+        given = [k for k, v in shortcuts.items() if v is not None]
+        if given:
+            raise OptionError(f"--pipeline replaces --{given[0].replace('_', '-')}; give one or the other")
+        options = {}
+    else:
+        options = dict(shortcuts, importance=args.importance, round_to=args.round_to)
+        api.build_pipeline(**options)  # validate before loading anything
+    model = load_model(args.input)
+    with console.status("pruning") as status:
+        def progress(name: str, index: int, total: int) -> None:
+            status.update(f"[{index + 1}/{total}] {name}")
+
+        report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=progress,
+                           seed=args.seed, **options)
+    save_model(model, args.output, external=True if args.external_data else None)
+    if args.report:
+        _write_json(args.report, report.to_json())
+    print_report(report, args.output)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    deps = api.inspect(load_model(args.input))
+    groups = deps.weight_groups
+    if args.json:
+        data = [{"id": g.id, "kind": g.kind, "units": g.units, "prunable": g.prunable,
+                 "frozen": list(g.frozen), "exact": g.exact,
+                 "members": [{"tensor": m.tensor, "axis": m.axis, "start": m.start, "stop": m.stop,
+                              "weight": m.is_weight} for m in g.members]} for g in groups]
+        console.print_json(json.dumps({"groups": data}))
+        return 0
+    table = Table(title=f"{args.input}: {len(deps.prunable)} prunable of {len(groups)} weight groups")
+    for column in ("id", "kind", "units", "weights", "members", "status"):
+        table.add_column(column)
+    for g in groups:
+        status = "prunable" if g.prunable else "frozen: " + "; ".join(g.frozen or ("single unit",))
+        weights = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.weights[:3]) + (" …" if len(g.weights) > 3 else "")
+        members = "\n".join(f"{m.tensor}[{m.axis}]" for m in g.members) if args.members else str(len(g.members))
+        table.add_row(str(g.id), g.kind, str(g.units), weights, members, status)
+    console.print(table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from graphprune.frontend import export_factory
+
+    names = args.input_names.split(",") if args.input_names else None
+    with console.status(f"exporting {args.factory}"):
+        model = export_factory(args.factory, input_names=names, dynamic_batch=args.dynamic_batch, opset=args.opset)
+    save_model(model, args.output)
+    console.print(f"wrote {args.output} ({model.param_count():,} parameters, "
+                  f"inputs: {', '.join(t.name for t in model.graph.inputs)})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from graphprune.bench import bench_models, bench_table
+
+    results = bench_models(args.models, batch=args.batch, threads=args.threads, runs=args.runs)
+    console.print(bench_table(results))
+    if args.json:
+        _write_json(args.json, [r.to_json() for r in results])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from graphprune.demo import run_demo
+
+    run_demo(args.out, console)
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
+            "demo": cmd_demo}
+
+
+def print_report(report: Report, output: Path) -> None:
+    table = Table(title=f"graphprune: wrote {output}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for label, before, after in (("parameters", report.params_before, report.params_after),
+                                 ("MACs", report.macs_before, report.macs_after),
+                                 ("FLOPs", report.flops_before, report.flops_after)):
+        change = f"{(after - before) / before:+.1%}" if before else "-"
+        table.add_row(label, f"{before:,}", f"{after:,}", change)
+    pruned = [g for g in report.groups if g["units_after"] != g["units_before"]]
+    units_before = sum(g["units_before"] or 0 for g in pruned)
+    units_after = sum(g["units_after"] or 0 for g in pruned)
+    table.add_row("units in pruned groups", f"{units_before:,}", f"{units_after:,}",
+                  f"{len(pruned)} of {len(report.groups)} groups")
+    console.print(table)
+    passes = ", ".join(f"{p.name} {p.seconds:.2f}s" for p in report.passes)
+    console.print(f"passes: {passes}")
+    verdict = "verified (onnx.checker, ORT run, output shapes)" if report.verified else "NOT verified"
+    console.print(f"{verdict}; max output change vs input model: {report.max_output_diff or 0:.3g}")
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except GraphpruneError as exc:
+        err_console.print(f"graphprune: error: {exc}", markup=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("graphprune: interrupted", markup=False)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err_console.print(f"graphprune: internal error: {type(exc).__name__}: {text} "
+                          "(rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Golden dependency cases: tests/golden/<case>.onnx.txt (ONNX text) beside <case>.expected.
+
+Each case is analysed (as `graphprune inspect` sees it) and its groups rendered as text must equal
+the expected file. Then the case is pruned at ratio 0.5 through the verifying pass manager: the
+result must pass onnx.checker and ORT with unchanged output shapes, and lose parameters exactly
+when some group is prunable. Set GRAPHPRUNE_UPDATE_GOLDEN=1 to write a missing expected file
+(then read it: the expected text is the test's claim).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import graphprune
+from graphprune.deps import render
+from graphprune.testing import model_from_text
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = sorted(GOLDEN.glob("*.onnx.txt"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".onnx.txt") for c in CASES])
+def test_golden_groups(case: Path) -> None:
+    model = model_from_text(case.read_text())
+    rendered = render(graphprune.inspect(model))
+    expected_path = case.with_name(case.name.removesuffix(".onnx.txt") + ".expected")
+    if not expected_path.exists():
+        if os.environ.get("GRAPHPRUNE_UPDATE_GOLDEN"):
+            expected_path.write_text(rendered)
+        pytest.fail(f"no expected file for {case.name}; rendered groups:\n{rendered}")
+    assert rendered == expected_path.read_text()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".onnx.txt") for c in CASES])
+def test_golden_prunes_and_verifies(case: Path) -> None:
+    model = model_from_text(case.read_text())
+    prunable = graphprune.inspect(model).prunable
+    before = model.param_count()
+    report = graphprune.prune(model, ratio=0.5)
+    assert report.verified
+    if prunable:
+        assert report.params_after < before
+        assert any(g["units_after"] < g["units_before"] for g in report.groups)
+    else:
+        assert report.params_after == before
+
+
+def test_every_case_has_expected_file() -> None:
+    missing = [c.name for c in CASES if not c.with_name(c.name.removesuffix(".onnx.txt") + ".expected").exists()]
+    assert not missing
