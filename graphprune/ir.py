@@ -96,8 +96,10 @@ class Model:
             array = values.values if isinstance(values, gs.Constant) else np.asarray(values)
             const = gs.Constant(out.name, np.asarray(array))
             for consumer in list(out.outputs):
-                consumer.inputs[:] = [const if t is out else t for t in consumer.inputs]
-            self.graph.outputs[:] = [const if t is out else t for t in self.graph.outputs]
+                for index, tensor in enumerate(consumer.inputs):
+                    if tensor is out:
+                        consumer.inputs[index] = const
+            self.graph.outputs = [const if t is out else t for t in self.graph.outputs]
             node.outputs.clear()
             folded += 1
         if folded:
@@ -232,8 +234,10 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
     EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB).
     """
     path = Path(path)
-    proto = model.to_onnx() if isinstance(model, Model) else model
+    proto = model.to_onnx() if isinstance(model, Model) else clone_proto(model)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    # asked for explicitly, every tensor goes out; chosen for size, small ones stay inline
+    size_threshold = 0 if external else 1024
     if external is None:
         external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +247,7 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
         staged = staging / path.name
         if external:
             onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+                            location=data_name, size_threshold=size_threshold)
             if (staging / data_name).exists():
                 os.replace(staging / data_name, path.parent / data_name)
         else:

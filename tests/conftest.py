@@ -1,0 +1,57 @@
+"""Shared fixtures: models are trained and exported once per test session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import graphprune
+from graphprune.models import SimpleNet, make_regression_data, train, zero_hidden_units
+
+DEAD_UNITS = (1, 5, 7, 13)
+
+
+@dataclass
+class Trained:
+    net: SimpleNet
+    x: torch.Tensor
+    y: torch.Tensor
+    path: Path  # exported ONNX (dynamic batch, input "x")
+
+
+@pytest.fixture(scope="session")
+def trained_simple_net(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    x, y = make_regression_data(256)
+    torch.manual_seed(0)
+    net = SimpleNet()
+    train(net, x, y, epochs=150)
+    model = graphprune.from_torch(net, (x[:4],), input_names=["x"], dynamic_batch=True)
+    path = tmp_path_factory.mktemp("simple") / "simple.onnx"
+    graphprune.save_model(model, path)
+    return Trained(net, x, y, path)
+
+
+@pytest.fixture(scope="session")
+def dead_mlp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SimpleNet with hidden units DEAD_UNITS zeroed (row, bias, consumer column), exported."""
+    torch.manual_seed(1)
+    net = SimpleNet()
+    zero_hidden_units(net.fc1, net.fc2, DEAD_UNITS)
+    model = graphprune.from_torch(net, net.example_inputs(), input_names=["x"], dynamic_batch=True)
+    path = tmp_path_factory.mktemp("dead") / "dead_mlp.onnx"
+    graphprune.save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dead_units() -> tuple[int, ...]:
+    return DEAD_UNITS
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

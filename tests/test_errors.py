@@ -1,0 +1,164 @@
+"""Acceptance: every bad input gives a one-line error, a non-zero exit, no output, an untouched input."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+
+import graphprune
+from graphprune.cli import main
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def run_refused(capsys, model: Path, out: Path, *extra: str, expect: str) -> str:
+    """Run `graphprune prune` and check the refusal contract; returns the error line."""
+    before = _digest(model.parent) if model.parent.exists() else {}
+    code = main(["prune", str(model), "-o", str(out), *extra])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code != 0
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("graphprune: error:")
+    assert expect in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}*")) if out.parent.exists() else True
+    if model.parent.exists():
+        assert _digest(model.parent) == before
+    return lines[0]
+
+
+@pytest.fixture()
+def model_dir(trained_simple_net, tmp_path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(trained_simple_net.path, folder / "model.onnx")
+    return folder
+
+
+def test_missing_file(capsys, tmp_path) -> None:
+    run_refused(capsys, tmp_path / "nope.onnx", tmp_path / "out.onnx", "--ratio", "0.5", expect="no such file")
+
+
+def test_empty_file(capsys, tmp_path) -> None:
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    run_refused(capsys, tmp_path / "empty.onnx", tmp_path / "out.onnx", "--ratio", "0.5", expect="file is empty")
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.5, 0.8, 0.97])
+def test_truncated_file(capsys, model_dir, tmp_path, fraction) -> None:
+    data = (model_dir / "model.onnx").read_bytes()
+    (model_dir / "cut.onnx").write_bytes(data[: int(len(data) * fraction)])
+    line = run_refused(capsys, model_dir / "cut.onnx", tmp_path / "out.onnx", "--ratio", "0.5", expect="cut.onnx")
+    assert any(word in line for word in ("not a valid ONNX model", "never produced", "reads tensor", "checker"))
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff" * 300, b"hello, this is not a model\n" * 20,
+                                     bytes(range(256)) * 4])
+def test_garbage_file(capsys, tmp_path, content) -> None:
+    (tmp_path / "garbage.onnx").write_bytes(content)
+    run_refused(capsys, tmp_path / "garbage.onnx", tmp_path / "out.onnx", "--ratio", "0.5",
+                expect="not a valid ONNX model")
+
+
+def _external(model_dir: Path) -> Path:
+    model = graphprune.load_model(model_dir / "model.onnx")
+    path = model_dir / "ext.onnx"
+    graphprune.save_model(model, path, external=True)
+    assert (model_dir / "ext.onnx.data").exists()
+    return path
+
+
+def test_missing_external_data(capsys, model_dir, tmp_path) -> None:
+    path = _external(model_dir)
+    (model_dir / "ext.onnx.data").unlink()
+    run_refused(capsys, path, tmp_path / "out.onnx", "--ratio", "0.5", expect="is missing")
+
+
+def test_external_data_shorter_than_declared(capsys, model_dir, tmp_path) -> None:
+    path = _external(model_dir)
+    data = model_dir / "ext.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    run_refused(capsys, path, tmp_path / "out.onnx", "--ratio", "0.5", expect="too short")
+
+
+def _relocate(path: Path, location: str) -> None:
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    path.write_bytes(proto.SerializeToString())
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_folder(capsys, model_dir, tmp_path, kind) -> None:
+    path = _external(model_dir)
+    outside = tmp_path / "outside.data"
+    shutil.move(model_dir / "ext.onnx.data", outside)
+    if kind == "parent":
+        _relocate(path, "../outside.data")
+        expect = "outside the model's folder"
+    elif kind == "absolute":
+        _relocate(path, str(outside))
+        expect = "absolute"
+    else:
+        (model_dir / "link.data").symlink_to(outside)
+        _relocate(path, "link.data")
+        expect = "outside the model's folder"
+    run_refused(capsys, path, tmp_path / "out.onnx", "--ratio", "0.5", expect=expect)
+
+
+def test_graph_reading_an_undefined_tensor(capsys, model_dir, tmp_path) -> None:
+    proto = onnx.load(str(model_dir / "model.onnx"))
+    proto.graph.node[1].input[0] = "ghost"
+    (model_dir / "bad.onnx").write_bytes(proto.SerializeToString())
+    line = run_refused(capsys, model_dir / "bad.onnx", tmp_path / "out.onnx", "--ratio", "0.5", expect="'ghost'")
+    assert "no earlier node, initializer or graph input defines" in line
+
+
+@pytest.mark.parametrize("ratio", ["1", "1.0", "-0.1", "2.5", "nan"])
+def test_ratio_outside_range(capsys, model_dir, tmp_path, ratio) -> None:
+    run_refused(capsys, model_dir / "model.onnx", tmp_path / "out.onnx", "--ratio", ratio, expect="ratio must be in [0, 1)")
+
+
+@pytest.mark.parametrize("spelling", [lambda p: p, lambda p: p.parent / "." / p.name])
+def test_output_equal_to_input(capsys, model_dir, spelling: Callable[[Path], Path]) -> None:
+    model = model_dir / "model.onnx"
+    before = model.read_bytes()
+    code = main(["prune", str(model), "-o", str(spelling(model)), "--ratio", "0.5"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "is the input file" in lines[0]
+    assert model.read_bytes() == before
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--threshold", "-1"], "threshold must be"),
+    (["--round-to", "0", "--ratio", "0.5"], "round_to must be"),
+    (["--sparsity", "1.5"], "sparsity must be"),
+    ([], "nothing to do"),
+    (["--pipeline", "deps,frobnicate"], "unknown pass 'frobnicate'"),
+    (["--pipeline", "prune{ratioo=0.5}"], "has no option 'ratioo'"),
+    (["--pipeline", "prune{ratio=abc}"], "is not a valid float"),
+    (["--pipeline", "deps", "--ratio", "0.5"], "--pipeline replaces --ratio"),
+])
+def test_bad_options(capsys, model_dir, tmp_path, args, expect) -> None:
+    run_refused(capsys, model_dir / "model.onnx", tmp_path / "out.onnx", *args, expect=expect)
+
+
+def test_console_script_exit_code_and_message(model_dir, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "graphprune.cli", "prune", str(model_dir / "nope.onnx"),
+                             "-o", str(tmp_path / "o.onnx"), "--ratio", "0.5"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr
+    assert "Traceback" not in result.stderr

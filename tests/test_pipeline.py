@@ -1,0 +1,130 @@
+"""The pass manager: pipeline text, options, analysis caching, verification and failure reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+import graphprune
+from graphprune.errors import PipelineError, VerificationError
+from graphprune.pipeline import (
+    REGISTRY,
+    AnalysisManager,
+    PassManager,
+    PassResult,
+    RewritePass,
+    parse_pipeline,
+)
+
+
+def test_parse_pipeline_with_options_and_aliases() -> None:
+    passes = parse_pipeline("deps, importance{kind=l1,seed=3},prune{ratio=0.5,round-to=8},cleanup,verify")
+    assert [p.name for p in passes] == ["analyze-deps", "score-importance", "prune-units", "cleanup-graph",
+                                        "verify-model"]
+    assert passes[1].options.kind == "l1" and passes[1].options.seed == 3
+    assert passes[2].options.ratio == 0.5 and passes[2].options.round_to == 8
+    assert passes[2].options.threshold is None
+    assert repr(passes[2]) == "prune-units{ratio=0.5,threshold=None,round_to=8}"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "the pipeline is empty"),
+    ("deps,nosuch", "unknown pass 'nosuch' (known passes:"),
+    ("importance{kind=l3}", "'l3' is not one of l1, l2, random, saliency"),
+    ("prune{ratio}", "needs the form key=value"),
+    ("prune{ratio=0.5", "unbalanced '{'"),
+    ("prune{bogus=1}", "pass 'prune-units' has no option 'bogus' (options: ratio, threshold, round_to)"),
+    ("prune{round_to=2.5}", "'2.5' is not a valid int"),
+    ("deps{x=1}", "has no option 'x' (options: none)"),
+])
+def test_pipeline_errors_are_clear(text: str, message: str) -> None:
+    with pytest.raises(PipelineError, match=None) as info:
+        parse_pipeline(text)
+    assert message in str(info.value)
+
+
+def test_analysis_results_are_cached_until_a_rewrite(trained_simple_net) -> None:
+    model = graphprune.load_model(trained_simple_net.path)
+    model.infer_shapes()
+    am = AnalysisManager()
+    first = am.get("deps", model)
+    assert am.get("analyze-deps", model) is first
+    am.invalidate()
+    assert am.get("deps", model) is not first
+
+
+def test_report_has_timing_stats_and_groups(trained_simple_net) -> None:
+    model = graphprune.load_model(trained_simple_net.path)
+    report = graphprune.prune(model, "unshare,deps,importance{kind=l1},prune{ratio=0.5,round_to=4},cleanup,verify")
+    names = [p.name for p in report.passes]
+    assert names == ["unshare-constants", "analyze-deps", "score-importance", "prune-units", "cleanup-graph",
+                     "verify-model"]
+    assert all(p.seconds >= 0 for p in report.passes)
+    prune = report.passes[3]
+    assert prune.modified and prune.stats["units_removed"] == 8  # 20 hidden -> 12 (10 rounded up to 4s)
+    assert [(g["units_before"], g["units_after"]) for g in report.groups if not g["frozen"]] == [(20, 12)]
+    assert report.params_after == 12 * 10 + 12 + 10 * 12 + 10
+    assert report.flops_after < report.flops_before and report.verified
+
+
+class _BreakOutputs(RewritePass):
+    """Test pass: claims to be lossless but scales every weight."""
+
+    name = "test-break-outputs"
+
+    @property
+    def lossless(self) -> bool:
+        return True
+
+    def run(self, model, am) -> PassResult:
+        for tensor in model.weights():
+            tensor.values = np.asarray(tensor.values) * 2
+        return PassResult(True)
+
+
+class _BreakGraph(RewritePass):
+    """Test pass: disconnects a node input, which ORT/onnx.checker must refuse."""
+
+    name = "test-break-graph"
+
+    def run(self, model, am) -> PassResult:
+        node = model.graph.nodes[-1]
+        node.inputs[1] = gs.Constant("wrong_shape", np.ones((3, 3), np.float32))
+        return PassResult(True)
+
+
+class _Crash(RewritePass):
+    name = "test-crash"
+
+    def run(self, model, am) -> PassResult:
+        raise KeyError("boom")
+
+
+@pytest.fixture()
+def test_passes():
+    for cls in (_BreakOutputs, _BreakGraph, _Crash):
+        REGISTRY[cls.name] = cls
+    yield
+    for cls in (_BreakOutputs, _BreakGraph, _Crash):
+        REGISTRY.pop(cls.name)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("test-break-outputs", "outputs changed by"),
+    ("test-break-graph", "does not verify"),
+    ("test-crash", "failed with KeyError"),
+])
+def test_failure_names_the_pass_and_those_before(trained_simple_net, test_passes, bad, message) -> None:
+    model = graphprune.load_model(trained_simple_net.path)
+    with pytest.raises((VerificationError, PipelineError)) as info:
+        PassManager(parse_pipeline(f"unshare,deps,{bad},cleanup")).run(model)
+    text = str(info.value)
+    assert f"pass '{bad}'" in text and message in text
+    assert "(after passes: unshare-constants, analyze-deps)" in text
+
+
+def test_lossy_pass_is_not_held_to_equal_outputs(trained_simple_net) -> None:
+    model = graphprune.load_model(trained_simple_net.path)
+    report = graphprune.prune(model, ratio=0.5)
+    assert report.verified and report.max_output_diff > 0
