@@ -20,8 +20,9 @@ from graphprune.ir import load_model, save_model
 from graphprune.pipeline import Report
 
 logger = logging.getLogger("graphprune")
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# a pipe or log file gets wide, unwrapped lines; a terminal gets its own width
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
 class _Parser(argparse.ArgumentParser):

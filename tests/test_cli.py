@@ -1,0 +1,90 @@
+"""The command line: prune summary, inspect (table and JSON), export, bench, demo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+
+import graphprune
+from graphprune import runtime
+from graphprune.cli import main
+
+
+def test_prune_prints_summary_and_writes_verified_model(trained_simple_net, tmp_path, capsys) -> None:
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(trained_simple_net.path), "-o", str(out), "--ratio", "0.5", "--round-to", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "parameters" in text and "verified" in text and "MACs" in text
+    pruned = graphprune.load_model(out)
+    assert sorted(t.values.shape for t in pruned.weights()) == sorted([(16, 10), (16,), (10, 16), (10,)])
+    onnx.checker.check_model(onnx.load(str(out)))
+    (y,) = runtime.run(onnx.load(str(out)), {"x": np.ones((3, 10), np.float32)})
+    assert y.shape == (3, 10)
+
+
+def test_prune_with_pipeline_and_unstructured_together(trained_simple_net, tmp_path, capsys) -> None:
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(trained_simple_net.path), "-o", str(out), "--ratio", "0.3", "--sparsity", "0.5",
+                 "--importance", "l1", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    names = [p["name"] for p in data["passes"]]
+    assert names == ["unshare-constants", "analyze-deps", "score-importance", "prune-units", "sparsify-weights",
+                     "cleanup-graph", "verify-model"]
+    sparsify = data["passes"][4]["stats"]
+    assert 0.49 < sparsify["sparsity"] < 0.51
+    out2 = tmp_path / "q.onnx"
+    assert main(["prune", str(trained_simple_net.path), "-o", str(out2), "--pipeline",
+                 "deps,importance{kind=random,seed=1},prune{ratio=0.5},verify"]) == 0
+    assert graphprune.load_model(out2).param_count() == 10 * 10 + 10 + 10 * 10 + 10
+
+
+def test_inspect_table_and_json(trained_simple_net, capsys) -> None:
+    assert main(["inspect", str(trained_simple_net.path)]) == 0
+    table = capsys.readouterr().out
+    assert "1 prunable of 3 weight groups" in table and "graph input 'x'" in table
+    assert main(["inspect", str(trained_simple_net.path), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert [(g["units"], g["prunable"]) for g in groups] == [(10, False), (20, True), (10, False)]
+    assert groups[0]["frozen"] == ["graph input 'x'"]
+    hidden = groups[1]
+    assert {(m["tensor"], m["axis"]) for m in hidden["members"] if m["weight"]} == {
+        ("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)}
+
+
+def test_export_factory(tmp_path, capsys) -> None:
+    out = tmp_path / "simple.onnx"
+    assert main(["export", "graphprune.models.mlp:simple_net", "-o", str(out), "--dynamic-batch"]) == 0
+    assert "430 parameters" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_export_bad_factory(tmp_path, capsys) -> None:
+    assert main(["export", "graphprune.models.mlp:nope", "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "has no callable 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bench_side_by_side(trained_simple_net, tmp_path, capsys) -> None:
+    pruned = tmp_path / "p.onnx"
+    main(["prune", str(trained_simple_net.path), "-o", str(pruned), "--ratio", "0.5"])
+    capsys.readouterr()
+    results = tmp_path / "bench.json"
+    assert main(["bench", str(trained_simple_net.path), str(pruned), "--runs", "5", "--batch", "4",
+                 "--json", str(results)]) == 0
+    rows = json.loads(results.read_text())
+    assert [r["params"] for r in rows] == [430, 220]
+    assert all(r["batch"] == 4 and r["latency_ms_median"] > 0 for r in rows)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "sparsity" in text and "Taylor-scored hidden units 20 -> 10" in text
+    summary = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert summary["pruned_report"]["verified"] and summary["pruned_report"]["params_after"] == 220
+    for name in ("dense.onnx", "sparse.onnx", "pruned.onnx"):
+        onnx.checker.check_model(onnx.load(str(tmp_path / "demo" / name)))
