@@ -137,15 +137,56 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with big weights' bytes left out: shape inference needs only their dims."""
+    """A copy whose big weights are graph inputs of the same type and shape.
+
+    onnx.checker and shape inference need only their dims (small constants, such as Reshape
+    shapes, keep their values for data propagation), and the copy stays far below protobuf's
+    2 GiB limit whatever the model's size.
+    """
     skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(proto)
-    for tensor in skeleton.graph.initializer:
-        if len(tensor.raw_data) > SKELETON_TENSOR_BYTES:
-            tensor.ClearField("raw_data")
-            external_data_helper.set_external_data(tensor, location="__skeleton__")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+    if proto_bytes(proto) <= SKELETON_TENSOR_BYTES:
+        skeleton.CopyFrom(proto)
+    else:
+        _copy_without_weights(proto, skeleton)
+    big = [t for t in skeleton.graph.initializer if _tensor_bytes(t) > SKELETON_TENSOR_BYTES]
+    if not big:
+        return skeleton
+    keep = [t for t in skeleton.graph.initializer if _tensor_bytes(t) <= SKELETON_TENSOR_BYTES]
+    inputs = {i.name for i in skeleton.graph.input}
+    for tensor in big:
+        if tensor.name not in inputs:
+            skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(keep)
     return skeleton
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def proto_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of initializer data (ByteSize() itself fails above 2 GiB)."""
+    return sum(_tensor_bytes(t) for t in proto.graph.initializer)
+
+
+def _copy_without_weights(proto: onnx.ModelProto, into: onnx.ModelProto) -> None:
+    """Copy everything but big initializers' bytes, never serializing the whole proto."""
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(into, name, getattr(proto, name))
+    into.opset_import.extend(proto.opset_import)
+    into.metadata_props.extend(proto.metadata_props)
+    into.functions.extend(proto.functions)
+    graph = into.graph
+    graph.name = proto.graph.name
+    for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field_name).extend(getattr(proto.graph, field_name))
+    for tensor in proto.graph.initializer:
+        if _tensor_bytes(tensor) <= SKELETON_TENSOR_BYTES:
+            graph.initializer.append(tensor)
+        else:
+            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -220,8 +261,7 @@ def check_graph(proto: onnx.ModelProto, where: str = "model") -> None:
         if output.name not in defined:
             raise InvalidGraphError(f"{where}: graph output '{output.name}' is never produced")
     try:
-        if proto.ByteSize() < (1 << 31) - 1:
-            onnx.checker.check_model(proto)
+        onnx.checker.check_model(_skeleton(proto))
     except onnx.checker.ValidationError as exc:
         raise InvalidGraphError(f"{where}: ONNX checker rejected the model: {_first_line(exc)}") from exc
 
@@ -235,7 +275,7 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
     """
     path = Path(path)
     proto = model.to_onnx() if isinstance(model, Model) else clone_proto(model)
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    weight_bytes = proto_bytes(proto)
     # asked for explicitly, every tensor goes out; chosen for size, small ones stay inline
     size_threshold = 0 if external else 1024
     if external is None:

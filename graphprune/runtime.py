@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import VerificationError
-from graphprune.ir import EXTERNAL_DATA_THRESHOLD, _first_line, save_model
+from graphprune.ir import EXTERNAL_DATA_THRESHOLD, _first_line, _skeleton, proto_bytes, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ def session(proto: onnx.ModelProto, threads: int = 1, providers: list[str] | Non
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if weight_bytes <= EXTERNAL_DATA_THRESHOLD:
+    if proto_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="graphprune-ort-") as folder:
         path = save_model(proto, Path(folder) / "model.onnx", external=True)
@@ -88,9 +87,9 @@ def verify(proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
            ) -> tuple[Verification, list[np.ndarray]]:
     """onnx.checker, shape inference, an ORT run; shapes and (optionally) values against a reference."""
     try:
-        if proto.ByteSize() < (1 << 31) - 1:
-            onnx.checker.check_model(proto)
-            onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        skeleton = _skeleton(proto)
+        onnx.checker.check_model(skeleton)
+        onnx.shape_inference.infer_shapes(skeleton, strict_mode=True)
     except Exception as exc:
         raise VerificationError(f"ONNX checker/shape inference failed: {_first_line(exc)}") from exc
     try:
