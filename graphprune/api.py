@@ -6,11 +6,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from graphprune.deps import Dependencies
+from graphprune.deps import Dependencies, analyze
 from graphprune.errors import OptionError
-from graphprune.ir import Model
-from graphprune.pipeline import PassManager, Progress, Report, parse_pipeline
-from graphprune.plan import validate_budget
+from graphprune.ir import Model, unshare_constants
+from graphprune.pipeline import AnalysisManager, PassManager, Progress, Report, parse_pipeline
+from graphprune.plan import make_plan, validate_budget
 
 
 def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
@@ -53,12 +53,26 @@ def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, n
     return manager.run(model)
 
 
-def inspect(model: Model) -> Dependencies:
-    """The dependency groups of `model` (after un-sharing constants, as `prune` sees them)."""
-    from graphprune.deps import analyze
-    from graphprune.ir import unshare_constants
-
+def _analysis_copy(model: Model) -> Model:
     work = model.copy()
     unshare_constants(work)
     work.infer_shapes()
-    return analyze(work)
+    return work
+
+
+def inspect(model: Model) -> Dependencies:
+    """The dependency groups of `model` (after un-sharing constants, as `prune` sees them)."""
+    return analyze(_analysis_copy(model))
+
+
+def preview(model: Model, ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
+            round_to: int = 1, seed: int = 0) -> tuple[Dependencies, dict[int, int]]:
+    """Dry run of `prune`: the groups and how many units each would keep; `model` is not changed."""
+    work = _analysis_copy(model)
+    am = AnalysisManager()
+    deps = am.run(parse_pipeline("deps")[0], work)
+    if ratio is None and threshold is None:
+        return deps, {g.id: g.units for g in deps.weight_groups}
+    scores = am.run(parse_pipeline(f"importance{{kind={importance},seed={seed}}}")[0], work)
+    plan = make_plan(deps, scores, ratio, threshold, round_to)
+    return deps, {g.id: len(plan.kept[g.id]) if g.id in plan.kept else g.units for g in deps.weight_groups}

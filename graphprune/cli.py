@@ -59,6 +59,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--members", action="store_true", help="list every member tensor of each group")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
+    budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
+    p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2")
+    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -131,25 +137,48 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    deps = api.inspect(load_model(args.input))
+    model = load_model(args.input)
+    deps, kept = api.preview(model, args.ratio, args.threshold, args.importance, args.round_to)
     groups = deps.weight_groups
+    costs = _node_costs(model) if args.costs else None
     if args.json:
-        data = [{"id": g.id, "kind": g.kind, "units": g.units, "prunable": g.prunable,
+        data = [{"id": g.id, "kind": g.kind, "units": g.units, "kept": kept[g.id], "prunable": g.prunable,
                  "frozen": list(g.frozen), "exact": g.exact,
                  "members": [{"tensor": m.tensor, "axis": m.axis, "start": m.start, "stop": m.stop,
                               "weight": m.is_weight} for m in g.members]} for g in groups]
-        console.print_json(json.dumps({"groups": data}))
+        result: dict = {"groups": data}
+        if costs is not None:
+            result["nodes"] = costs
+        console.print_json(json.dumps(result))
         return 0
     table = Table(title=f"{args.input}: {len(deps.prunable)} prunable of {len(groups)} weight groups")
-    for column in ("id", "kind", "units", "weights", "members", "status"):
+    for column in ("id", "kind", "units", "kept", "weights", "members", "status"):
         table.add_column(column)
     for g in groups:
         status = "prunable" if g.prunable else "frozen: " + "; ".join(g.frozen or ("single unit",))
         weights = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.weights[:3]) + (" …" if len(g.weights) > 3 else "")
         members = "\n".join(f"{m.tensor}[{m.axis}]" for m in g.members) if args.members else str(len(g.members))
-        table.add_row(str(g.id), g.kind, str(g.units), weights, members, status)
+        table.add_row(str(g.id), g.kind, str(g.units), str(kept[g.id]), weights, members, status)
     console.print(table)
+    if costs is not None:
+        node_table = Table(title="cost per node (symbolic dims count as 1)")
+        for column in ("node", "op", "params", "MACs", "FLOPs"):
+            node_table.add_column(column, justify="left" if column in ("node", "op") else "right")
+        for row in costs:
+            node_table.add_row(row["node"], row["op"], f"{row['params']:,}", f"{row['macs']:,}", f"{row['flops']:,}")
+        console.print(node_table)
     return 0
+
+
+def _node_costs(model) -> list[dict]:
+    from graphprune.cost import node_cost
+
+    model.infer_shapes()
+    rows = []
+    for node in model.graph.nodes:
+        c = node_cost(node)
+        rows.append({"node": node.name, "op": node.op, "params": c.params, "macs": c.macs, "flops": c.flops})
+    return rows
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -88,3 +88,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
     assert summary["pruned_report"]["verified"] and summary["pruned_report"]["params_after"] == 220
     for name in ("dense.onnx", "sparse.onnx", "pruned.onnx"):
         onnx.checker.check_model(onnx.load(str(tmp_path / "demo" / name)))
+
+
+def test_inspect_dry_run_and_costs(trained_simple_net, capsys) -> None:
+    before = trained_simple_net.path.read_bytes()
+    assert main(["inspect", str(trained_simple_net.path), "--ratio", "0.3", "--round-to", "4", "--costs",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(g["units"], g["kept"]) for g in data["groups"]] == [(10, 10), (20, 16), (10, 10)]
+    assert [(n["op"], n["params"], n["macs"]) for n in data["nodes"]] == [("Gemm", 220, 200), ("Relu", 0, 0),
+                                                                         ("Gemm", 210, 200)]
+    assert trained_simple_net.path.read_bytes() == before
