@@ -25,4 +25,4 @@ def test_readme_gives_exactly_two_setup_commands() -> None:
     setup = [b.strip() for b in bash_blocks[:2]]
     assert setup[0].endswith("graphprune demo") and "pytest" in setup[1]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "python3 -m pytest -q" in ci and "-c constraints.txt -e '.[test]'" in ci
+    assert "python -m pytest -q" in ci and "-c constraints.txt -e '.[test]'" in ci
