@@ -130,6 +130,15 @@ def broadcast(node: gs.Node, ctx: RuleContext, out: Couplings, inputs: list[gs.T
                 out.freeze((output.name, out_axis), reason)
 
 
+def _input_rank(node: gs.Node, ctx: RuleContext, out: Couplings, minimum: int = 0) -> int | None:
+    """Rank of the first input, or None after freezing the node when it is unknown (or too small)."""
+    rank = ctx.rank(node.inputs[0])
+    if rank is None or rank < minimum:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        return None
+    return rank
+
+
 def elementwise(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Unary, binary and variadic elementwise ops with numpy broadcasting."""
     for output in _present(node.outputs):
@@ -172,9 +181,8 @@ def matmul(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
 def batch_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Per-channel scale, bias, mean and variance follow axis 1."""
     x, y = node.inputs[0], node.outputs[0]
-    rank = ctx.rank(x)
-    if rank is None or rank < 2:
-        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+    rank = _input_rank(node, ctx, out, minimum=2)
+    if rank is None:
         return
     for axis in range(rank):
         out.couple((x.name, axis), (y.name, axis))
@@ -187,9 +195,8 @@ def batch_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
 def layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Normalization over the last axis couples scale/bias with it; removing a unit is not exact."""
     x, y = node.inputs[0], node.outputs[0]
-    rank = ctx.rank(x)
+    rank = _input_rank(node, ctx, out)
     if rank is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
         return
     axis = node.attrs.get("axis", -1) % rank
     for a in range(rank):
@@ -214,9 +221,8 @@ def layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
 
 def softmax(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    rank = ctx.rank(x)
+    rank = _input_rank(node, ctx, out)
     if rank is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
         return
     axis = node.attrs.get("axis", -1) % rank
     for a in range(rank):
@@ -253,9 +259,8 @@ def concat(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
 
 def split(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     x = node.inputs[0]
-    rank = ctx.rank(x)
+    rank = _input_rank(node, ctx, out)
     if rank is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
         return
     axis = node.attrs.get("axis", 0) % rank
     start = 0
@@ -300,9 +305,8 @@ def slice_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
 
 def transpose(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    rank = ctx.rank(x)
+    rank = _input_rank(node, ctx, out)
     if rank is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
         return
     perm = node.attrs.get("perm", list(reversed(range(rank))))
     for out_axis, in_axis in enumerate(perm):
