@@ -94,10 +94,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphprune", description="Graph-level pruning of ONNX and PyTorch models.")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prune, _add_inspect, _add_export, _add_bench, _add_demo):
         add(sub)
     return parser
+
+
+def _version() -> str:
+    from graphprune import __version__
+
+    return __version__
 
 
 # -- commands ------------------------------------------------------------------------------------------

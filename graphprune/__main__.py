@@ -1,0 +1,7 @@
+"""`python -m graphprune` runs the command line."""
+
+import sys
+
+from graphprune.cli import main
+
+sys.exit(main())
