@@ -81,7 +81,7 @@ class Dependencies:
 
 
 def collect_couplings(model: Model) -> Couplings:
-    ctx = RuleContext()
+    ctx = RuleContext(opset=model.graph.opset)
     out = Couplings()
     for tensor in model.graph.inputs:
         out.freeze_tensor(tensor, f"graph input '{tensor.name}'")
@@ -104,6 +104,11 @@ def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | No
     for offset in couplings.offsets:
         slots.update((offset.part, offset.whole))
     slots.update(couplings.frozen)
+    for name in couplings.frozen_tensors:
+        # every axis of a frozen tensor is a slot, so `inspect` lists frozen weights too
+        tensor = tensors[name]
+        shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+        slots.update((name, axis) for axis in range(len(shape or ())))
     sizes: dict[Slot, int | str | None] = {}
     for name, axis in slots:
         tensor = tensors[name]

@@ -91,10 +91,24 @@ def fix_slice(node: gs.Node, ctx: RewriteContext) -> None:
         node.inputs[2] = ctx.constant(f"{node.name}_ends", ends)
 
 
+def fix_squeeze(node: gs.Node, ctx: RewriteContext) -> None:
+    """A Squeeze without axes drops every size-1 axis: a group pruned to one unit would vanish."""
+    x = node.inputs[0]
+    has_axes = (len(node.inputs) > 1 and node.inputs[1].name) or "axes" in node.attrs
+    if has_axes or not any(ctx.kept_of(x, axis) is not None for axis in range(len(x.shape))):
+        return
+    axes = [axis for axis, dim in enumerate(x.shape) if dim == 1]  # shapes from before pruning
+    if ctx.model.graph.opset < 13:
+        node.attrs["axes"] = axes
+    else:
+        node.inputs.append(ctx.constant(f"{node.name}_axes", np.array(axes, dtype=np.int64)))
+
+
 #: op type -> function that updates the op's size-carrying constants/attributes after slicing.
 FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Split": fix_split,
     "Slice": fix_slice,
+    "Squeeze": fix_squeeze,
 }
 
 

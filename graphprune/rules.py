@@ -61,6 +61,9 @@ class Couplings:
 class RuleContext:
     """Shape and constant queries the rules need (shapes must be inferred beforehand)."""
 
+    def __init__(self, opset: int = 20) -> None:
+        self.opset = opset
+
     def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
         if isinstance(tensor, gs.Constant):
             return list(tensor.values.shape)
@@ -204,10 +207,14 @@ def layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     params = _present(node.inputs[1:3])
     if axis == rank - 1:
         for param in params:
-            if ctx.rank(param) == 1 and ctx.dim(param, 0) == ctx.dim(x, axis):
-                out.couple((param.name, 0), (y.name, axis))
-            elif ctx.rank(param) and ctx.dim(param, -1) != 1:
-                out.freeze((param.name, ctx.rank(param) - 1), f"{_where(node)}: parameter shape")
+            # scale/bias broadcast against X.shape[axis:]: their last axis is the channel axis
+            last = (ctx.rank(param) or 0) - 1
+            if last >= 0 and ctx.dim(param, last) == ctx.dim(x, axis):
+                out.couple((param.name, last), (y.name, axis))
+            elif last >= 0 and ctx.dim(param, last) != 1:
+                reason = f"{_where(node)}: cannot map parameter '{param.name}' to the normalized axis"
+                out.freeze((param.name, last), reason)
+                out.freeze((y.name, axis), reason)
         out.inexact[(y.name, axis)] = f"{_where(node)} normalizes over this axis"
     else:
         reason = f"{_where(node)} normalizes over several axes"
@@ -224,9 +231,14 @@ def softmax(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     rank = _input_rank(node, ctx, out)
     if rank is None:
         return
-    axis = node.attrs.get("axis", -1) % rank
+    if ctx.opset < 13:
+        # before opset 13 the input is coerced to 2-D: every axis from `axis` on is normalized
+        axis = node.attrs.get("axis", 1) % rank
+        normalized = range(axis, rank)
+    else:
+        normalized = [node.attrs.get("axis", -1) % rank]
     for a in range(rank):
-        if a == axis:
+        if a in normalized:
             out.freeze((x.name, a), f"{_where(node)} normalizes over this axis")
             out.freeze((y.name, a), f"{_where(node)} normalizes over this axis")
         else:
