@@ -35,6 +35,7 @@ class Member:
     start: int
     stop: int | None
     is_weight: bool
+    scored: bool = True  # counts towards the unit's importance (divisors do not)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Group:
     @property
     def weights(self) -> tuple[Member, ...]:
         return tuple(m for m in self.members if m.is_weight)
+
+    @property
+    def scored_weights(self) -> tuple[Member, ...]:
+        """The weights whose magnitude measures a unit's contribution (all weights if none do)."""
+        return tuple(m for m in self.weights if m.scored) or self.weights
 
     @property
     def prunable(self) -> bool:
@@ -181,7 +187,7 @@ def analyze(model: Model) -> Dependencies:
         for slot, start in sorted(component, key=lambda s: (order.get(s[0][0], len(order)), s[0][1], s[1])):
             stop = graph.nodes[(slot, start)]["stop"]
             name, axis = slot
-            members.append(Member(name, axis, start, stop, name in constants))
+            members.append(Member(name, axis, start, stop, name in constants, slot not in couplings.unscored))
             lengths.add(None if stop is None else stop - start)
             segments[slot].append((start, stop, group_id))
             for reason in (couplings.frozen.get(slot), frozen_tensors.get(name)):

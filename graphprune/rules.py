@@ -44,6 +44,8 @@ class Couplings:
     frozen_tensors: dict[str, str] = field(default_factory=dict)
     produced: dict[Slot, str] = field(default_factory=dict)  # slot -> unit kind ("neuron", ...)
     inexact: dict[Slot, str] = field(default_factory=dict)  # removal changes outputs (normalization)
+    #: weights that say nothing about a unit's contribution by their magnitude (divisors)
+    unscored: set[Slot] = field(default_factory=set)
 
     def couple(self, a: Slot, b: Slot) -> None:
         self.same.append(Same(a, b))
@@ -146,6 +148,9 @@ def elementwise(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Unary, binary and variadic elementwise ops with numpy broadcasting."""
     for output in _present(node.outputs):
         broadcast(node, ctx, out, _present(node.inputs), output)
+    if node.op == "Div":
+        # a zero divisor does not make a unit dead, a large one makes it small: not a magnitude
+        out.unscored.update((node.inputs[1].name, axis) for axis in range(ctx.rank(node.inputs[1]) or 0))
 
 
 def gemm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:

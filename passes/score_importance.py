@@ -41,7 +41,8 @@ class ScoreImportancePass(AnalysisPass):
     (|sum of the given per-weight contributions| per unit); seed.
 
     Every member counts: producer rows, consumer columns, biases and norm parameters, so a unit
-    scores zero only when all of its weights are zero.
+    scores zero only when all of its weights are zero. Divisors do not count (a zero divisor makes
+    a unit infinite, not dead).
     """
 
     name = "score-importance"
@@ -63,13 +64,13 @@ class ScoreImportancePass(AnalysisPass):
                 scores[group.id] = rng.random(group.units)
                 continue
             if kind == "saliency":
-                terms = [unit_rows(np.asarray(saliency[m.tensor], np.float64), m) for m in group.weights if m.tensor in saliency]
+                terms = [unit_rows(np.asarray(saliency[m.tensor], np.float64), m) for m in group.scored_weights if m.tensor in saliency]
                 if not terms:
                     logger.warning("group %d has no saliency for any member; scoring it by l2", group.id)
-                    scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.weights], "l2")
+                    scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.scored_weights], "l2")
                 else:
                     scores[group.id] = np.abs(sum(t.sum(axis=1) for t in terms))
                 continue
-            scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.weights], kind)
+            scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.scored_weights], kind)
         return Importance(kind, scores)
 
