@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.ir import Model
+from graphprune.ir import Model, shape_of
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Cost:
 
 
 def _dims(tensor: gs.Tensor) -> list[int] | None:
-    shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+    shape = shape_of(tensor)
     if shape is None:
         return None
     return [d if isinstance(d, int) and d > 0 else 1 for d in shape]

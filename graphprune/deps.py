@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_graphsurgeon as gs
 
-from graphprune.ir import Model
+from graphprune.ir import Model, shape_of
 from graphprune.rules import RULES, Couplings, RuleContext, Slot, freeze_node
 
 logger = logging.getLogger(__name__)
@@ -113,12 +113,12 @@ def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | No
     for name in couplings.frozen_tensors:
         # every axis of a frozen tensor is a slot, so `inspect` lists frozen weights too
         tensor = tensors[name]
-        shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+        shape = shape_of(tensor)
         slots.update((name, axis) for axis in range(len(shape or ())))
     sizes: dict[Slot, int | str | None] = {}
     for name, axis in slots:
         tensor = tensors[name]
-        shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+        shape = shape_of(tensor)
         sizes[(name, axis)] = shape[axis] if shape is not None and axis < len(shape) else None
     return sizes
 

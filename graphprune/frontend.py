@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from graphprune.errors import GraphpruneError
-from graphprune.ir import Model, _first_line, check_graph
+from graphprune.ir import Model, check_graph, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def export_proto(module: Any, example_inputs: Sequence[Any], input_names: Sequen
                                         output_names=list(output_names or []) or None,
                                         dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {_first_line(exc)}") from exc
+        raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {first_line(exc)}") from exc
     proto = program.model_proto
     check_graph(proto, where=f"export of {type(module).__name__}")
     return proto
@@ -78,7 +78,7 @@ def load_factory(spec: str) -> Callable[[], Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ExportError(f"cannot import module '{module_name}': {_first_line(exc)}") from exc
+        raise ExportError(f"cannot import module '{module_name}': {first_line(exc)}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ExportError(f"module '{module_name}' has no callable '{attr}'")

@@ -112,11 +112,11 @@ class Model:
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Variable) and tensor.name not in graph_io:
                 tensor.shape = None
-        skeleton = _skeleton(self.to_onnx())
+        skeleton = weightless_copy(self.to_onnx())
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
         except Exception as exc:  # onnx raises several unrelated types here
-            raise InvalidGraphError(f"shape inference failed: {_first_line(exc)}") from exc
+            raise InvalidGraphError(f"shape inference failed: {first_line(exc)}") from exc
         tensors = self.graph.tensors()
         infos = list(inferred.graph.value_info) + list(inferred.graph.output)
         for info in infos:
@@ -131,12 +131,19 @@ class Model:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
 
 
-def _first_line(exc: BaseException) -> str:
+def shape_of(tensor: gs.Tensor) -> list | None:
+    """Static shape of a constant, or the (inferred, possibly symbolic) shape of a variable."""
+    if isinstance(tensor, gs.Constant):
+        return list(tensor.values.shape)
+    return None if tensor.shape is None else list(tensor.shape)
+
+
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
 
 
-def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+def weightless_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose big weights are graph inputs of the same type and shape.
 
     onnx.checker and shape inference need only their dims (small constants, such as Reshape
@@ -204,7 +211,7 @@ def load_model(path: str | os.PathLike) -> Model:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf parse failed: {_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: not a valid ONNX model (protobuf parse failed: {first_line(exc)})") from exc
     del data
     if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.graph.output:
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph, IR version or graph outputs; "
@@ -213,7 +220,7 @@ def load_model(path: str | os.PathLike) -> Model:
     try:
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
     except Exception as exc:
-        raise ModelLoadError(f"{path}: could not read external data: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: could not read external data: {first_line(exc)}") from exc
     check_graph(proto, where=str(path))
     return Model.from_onnx(proto, source=path)
 
@@ -261,9 +268,9 @@ def check_graph(proto: onnx.ModelProto, where: str = "model") -> None:
         if output.name not in defined:
             raise InvalidGraphError(f"{where}: graph output '{output.name}' is never produced")
     try:
-        onnx.checker.check_model(_skeleton(proto))
+        onnx.checker.check_model(weightless_copy(proto))
     except onnx.checker.ValidationError as exc:
-        raise InvalidGraphError(f"{where}: ONNX checker rejected the model: {_first_line(exc)}") from exc
+        raise InvalidGraphError(f"{where}: ONNX checker rejected the model: {first_line(exc)}") from exc
 
 
 # -- saving ---------------------------------------------------------------------------------------

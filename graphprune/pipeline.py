@@ -20,7 +20,7 @@ import numpy as np
 
 from graphprune import cost, runtime
 from graphprune.errors import GraphpruneError, PipelineError, VerificationError
-from graphprune.ir import Model
+from graphprune.ir import Model, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class PassManager:
             except Exception as exc:
                 logger.debug("pass %s raised", p.name, exc_info=True)
                 raise PipelineError(f"pass '{p.name}' failed with {type(exc).__name__}: "
-                                    f"{runtime._first_line(exc)}{_after(done)}") from exc
+                                    f"{first_line(exc)}{_after(done)}") from exc
             seconds = time.perf_counter() - start
             if isinstance(p, RewritePass) and outcome.modified:
                 self.am.invalidate()

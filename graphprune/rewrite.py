@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.deps import Dependencies
-from graphprune.ir import Model
+from graphprune.ir import Model, shape_of
 from graphprune.plan import Plan
 from graphprune.rules import Slot
 
@@ -46,7 +46,7 @@ class RewriteContext:
 
 
 def _old_dim(tensor: gs.Tensor, axis: int) -> int:
-    shape = tensor.values.shape if isinstance(tensor, gs.Constant) else tensor.shape
+    shape = shape_of(tensor)
     return shape[axis]
 
 

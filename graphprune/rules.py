@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.ir import shape_of
+
 Slot = tuple[str, int]
 Dim = int | str | None
 
@@ -67,9 +69,7 @@ class RuleContext:
         self.opset = opset
 
     def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
-        if isinstance(tensor, gs.Constant):
-            return list(tensor.values.shape)
-        return None if tensor.shape is None else list(tensor.shape)
+        return shape_of(tensor)
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         shape = self.shape(tensor)

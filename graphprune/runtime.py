@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import VerificationError
-from graphprune.ir import EXTERNAL_DATA_THRESHOLD, _first_line, _skeleton, proto_bytes, save_model
+from graphprune.ir import EXTERNAL_DATA_THRESHOLD, first_line, proto_bytes, save_model, weightless_copy
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +87,15 @@ def verify(proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
            ) -> tuple[Verification, list[np.ndarray]]:
     """onnx.checker, shape inference, an ORT run; shapes and (optionally) values against a reference."""
     try:
-        skeleton = _skeleton(proto)
+        skeleton = weightless_copy(proto)
         onnx.checker.check_model(skeleton)
         onnx.shape_inference.infer_shapes(skeleton, strict_mode=True)
     except Exception as exc:
-        raise VerificationError(f"ONNX checker/shape inference failed: {_first_line(exc)}") from exc
+        raise VerificationError(f"ONNX checker/shape inference failed: {first_line(exc)}") from exc
     try:
         outputs = run(proto, feeds)
     except Exception as exc:
-        raise VerificationError(f"ONNX Runtime could not run the model: {_first_line(exc)}") from exc
+        raise VerificationError(f"ONNX Runtime could not run the model: {first_line(exc)}") from exc
     shapes = tuple(tuple(o.shape) for o in outputs)
     if expected_shapes is not None and shapes != expected_shapes:
         raise VerificationError(f"output shapes changed from {list(expected_shapes)} to {list(shapes)}")
