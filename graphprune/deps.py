@@ -19,7 +19,7 @@ import networkx as nx
 import onnx_graphsurgeon as gs
 
 from graphprune.ir import Model, shape_of
-from graphprune.rules import RULES, Couplings, RuleContext, Slot, freeze_node
+from graphprune.rules import RULES, Couplings, RuleContext, Slot, freeze_node, mark_unscored
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +93,29 @@ def collect_couplings(model: Model) -> Couplings:
         out.freeze_tensor(tensor, f"graph input '{tensor.name}'")
     for tensor in model.graph.outputs:
         out.freeze_tensor(tensor, f"graph output '{tensor.name}'")
+    outer = model.tensors()
     for node in model.graph.nodes:
+        for name in _subgraph_reads(node) & outer.keys():
+            out.freeze_tensor(outer[name], f"read inside a subgraph of {node.op} node '{node.name or '(unnamed)'}'")
         rule = RULES.get(node.op)
         if rule is None or (node.domain or "") not in ("", "ai.onnx"):
-            freeze_node(node, ctx, out, f"no dependency rule for {node.op} (node '{node.name}')")
+            freeze_node(node, ctx, out, f"no dependency rule for {node.op} (node '{node.name or '(unnamed)'}')")
             continue
         rule(node, ctx, out)
+        mark_unscored(node, ctx, out)
     return out
+
+
+def _subgraph_reads(node: gs.Node) -> set[str]:
+    """Names every subgraph of `node` (If/Loop/Scan bodies, nested too) reads."""
+    names: set[str] = set()
+    for value in node.attrs.values():
+        for graph in value if isinstance(value, list) else [value]:
+            if isinstance(graph, gs.Graph):
+                for inner in graph.nodes:
+                    names.update(t.name for t in inner.inputs if t.name)
+                    names |= _subgraph_reads(inner)
+    return names
 
 
 def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | None]:
@@ -168,8 +184,18 @@ def analyze(model: Model) -> Dependencies:
         for start, stop in segments_of(slot):
             graph.add_node((slot, start), stop=stop)
     for same in couplings.same:
-        for start, _ in segments_of(same.a):
-            graph.add_edge((same.a, start), (same.b, start))
+        seg_a, seg_b = segments_of(same.a), segments_of(same.b)
+        if seg_a == seg_b:
+            for start, _ in seg_a:
+                graph.add_edge((same.a, start), (same.b, start))
+            continue
+        # a static size coupled to a symbolic one: the cuts cannot be matched, so nothing that
+        # touches either slot may be pruned
+        reason = f"cannot match '{same.a[0]}' axis {same.a[1]} with '{same.b[0]}' axis {same.b[1]} (unknown size)"
+        for slot, segs in ((same.a, seg_a), (same.b, seg_b)):
+            couplings.frozen.setdefault(slot, reason)
+            for start, _ in segs:
+                graph.add_edge((same.a, seg_a[0][0]), (slot, start))
     for off in couplings.offsets:
         for start, _ in segments_of(off.part):
             graph.add_edge((off.part, start), (off.whole, start + off.start))

@@ -107,8 +107,12 @@ class Model:
         return folded
 
     def infer_shapes(self) -> None:
-        """Clear and re-infer every intermediate shape (gs never does it by itself)."""
-        graph_io = {t.name for t in self.graph.inputs}
+        """Clear and re-infer every intermediate shape (gs never does it by itself).
+
+        Graph inputs and outputs keep their declared shapes: pruning never changes them, and ONNX
+        inference cannot always re-derive an output's shape that the file declares.
+        """
+        graph_io = {t.name for t in self.graph.inputs} | {t.name for t in self.graph.outputs}
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Variable) and tensor.name not in graph_io:
                 tensor.shape = None
@@ -124,7 +128,7 @@ class Model:
             if not isinstance(tensor, gs.Variable) or not info.type.HasField("tensor_type"):
                 continue
             ttype = info.type.tensor_type
-            if ttype.HasField("shape"):
+            if ttype.HasField("shape") and not (tensor.name in graph_io and tensor.shape is not None):
                 tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                 for d in ttype.shape.dim]
             if ttype.elem_type:

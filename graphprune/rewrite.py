@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from graphprune.deps import Dependencies
 from graphprune.ir import Model, shape_of
 from graphprune.plan import Plan
-from graphprune.rules import Slot
+from graphprune.rules import Slot, slice_start
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ def fix_split(node: gs.Node, ctx: RewriteContext) -> None:
 def fix_slice(node: gs.Node, ctx: RewriteContext) -> None:
     x, y = node.inputs[0], node.outputs[0]
     rank = len(x.shape)
+    if not any(ctx.kept_of(x, axis) is not None for axis in range(rank)):
+        return  # untouched (bounds computed at run time are only allowed there: the rule froze them)
     starts = np.array(node.inputs[1].values, dtype=np.int64).copy()
     ends = np.array(node.inputs[2].values, dtype=np.int64).copy()
     has_axes = len(node.inputs) > 3 and node.inputs[3].name
@@ -80,8 +82,7 @@ def fix_slice(node: gs.Node, ctx: RewriteContext) -> None:
         if kept is None:
             continue
         size = _old_dim(x, axis)
-        start = int(starts[i])
-        start = min(max(start + size if start < 0 else start, 0), size)
+        start = slice_start(int(starts[i]), size)
         new_start = int(np.count_nonzero(kept < start))
         starts[i] = new_start
         ends[i] = new_start + ctx.size_of(y, axis, _old_dim(y, axis))

@@ -88,7 +88,7 @@ Rule = Callable[[gs.Node, RuleContext, Couplings], None]
 
 
 def _where(node: gs.Node) -> str:
-    return f"{node.op} node '{node.name}'"
+    return f"{node.op} node '{node.name or '(unnamed)'}'"
 
 
 def _known(dim: Dim) -> bool:
@@ -148,9 +148,13 @@ def elementwise(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Unary, binary and variadic elementwise ops with numpy broadcasting."""
     for output in _present(node.outputs):
         broadcast(node, ctx, out, _present(node.inputs), output)
-    if node.op == "Div":
-        # a zero divisor does not make a unit dead, a large one makes it small: not a magnitude
-        out.unscored.update((node.inputs[1].name, axis) for axis in range(ctx.rank(node.inputs[1]) or 0))
+
+
+def _contraction(node: gs.Node, out: Couplings, a: gs.Tensor, b: gs.Tensor, axis: Slot) -> None:
+    """A unit summed away against another activation is not silenced by zero weights (a zero
+    row still gives sigmoid(0) = 0.5 on both sides): removing it is not exact."""
+    if not isinstance(a, gs.Constant) and not isinstance(b, gs.Constant):
+        out.inexact[axis] = f"{_where(node)} contracts this axis between two activations"
 
 
 def gemm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
@@ -161,6 +165,7 @@ def gemm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     a_m, a_k = (a.name, 1 if trans_a else 0), (a.name, 0 if trans_a else 1)
     b_k, b_n = (b.name, 1 if trans_b else 0), (b.name, 0 if trans_b else 1)
     out.couple(a_k, b_k)
+    _contraction(node, out, a, b, a_k)
     out.couple(a_m, (y.name, 0))
     out.couple(b_n, (y.name, 1))
     if isinstance(b, gs.Constant):
@@ -177,6 +182,7 @@ def matmul(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         freeze_node(node, ctx, out, f"{_where(node)}: vector or unknown-rank MatMul")
         return
     out.couple((a.name, rank_a - 1), (b.name, rank_b - 2))
+    _contraction(node, out, a, b, (a.name, rank_a - 1))
     out.couple((a.name, rank_a - 2), (y.name, rank_y - 2))
     out.couple((b.name, rank_b - 1), (y.name, rank_y - 1))
     if isinstance(b, gs.Constant):
@@ -291,17 +297,22 @@ def split(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         start += size
 
 
+def slice_start(start: int, size: int) -> int:
+    """A Slice start clamped into [0, size] as ONNX defines it (negative counts from the end)."""
+    return min(max(start + size if start < 0 else start, 0), size)
+
+
 def slice_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     x, y = node.inputs[0], node.outputs[0]
     rank = ctx.rank(x)
-    bounds = [ctx.constant(t) if t is not None and t.name else None for t in node.inputs[1:5]]
-    while len(bounds) < 4:
-        bounds.append(None)
-    starts, ends, axes, steps = bounds
-    if rank is None or starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3].name
-                                                          and axes is None):
-        freeze_node(node, ctx, out, f"{_where(node)}: starts/ends/axes are not constants")
+    operands = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
+    given = [t is not None and bool(t.name) for t in operands]
+    bounds = [ctx.constant(t) if present else None for t, present in zip(operands, given, strict=True)]
+    if rank is None or any(present and value is None for present, value in zip(given, bounds, strict=True)) \
+            or bounds[0] is None or bounds[1] is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: starts/ends/axes/steps are not constants")
         return
+    starts, _, axes, steps = bounds
     axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
     steps = [1] * len(axes) if steps is None else [int(s) for s in steps]
     for axis in range(rank):
@@ -310,14 +321,12 @@ def slice_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
             continue
         i = axes.index(axis)
         size = ctx.dim(x, axis)
-        if steps[i] != 1 or not isinstance(size, int):
+        if steps[i] != 1 or not isinstance(size, int) or not isinstance(ctx.dim(y, axis), int):
             reason = f"{_where(node)}: strided or unknown-size slice on axis {axis}"
             out.freeze((x.name, axis), reason)
             out.freeze((y.name, axis), reason)
             continue
-        start = int(starts[i])
-        start = min(max(start + size if start < 0 else start, 0), size)
-        out.offset((y.name, axis), (x.name, axis), start)
+        out.offset((y.name, axis), (x.name, axis), slice_start(int(starts[i]), size))
 
 
 def transpose(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
@@ -365,6 +374,28 @@ def squeeze(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     kept = [a for a in range(len(shape)) if a not in removed]
     for out_axis, in_axis in enumerate(kept):
         out.couple((x.name, in_axis), (y.name, out_axis))
+
+
+#: op type -> inputs whose values are not magnitudes of a unit's contribution: a zero divisor
+#: makes a unit infinite, not dead; BatchNorm statistics shift and scale, they do not weigh.
+#: Importance ignores them and unstructured pruning never zeroes them.
+UNSCORED_INPUTS: dict[str, tuple[int, ...]] = {
+    "Div": (1,),
+    "BatchNormalization": (3, 4),
+}
+
+
+def mark_unscored(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    for index in UNSCORED_INPUTS.get(node.op, ()):
+        if index < len(node.inputs) and node.inputs[index].name:
+            tensor = node.inputs[index]
+            out.unscored.update((tensor.name, axis) for axis in range(ctx.rank(tensor) or 0))
+
+
+def unscored_inputs(graph: gs.Graph) -> set[str]:
+    """Names of the tensors UNSCORED_INPUTS designates anywhere in `graph`."""
+    return {node.inputs[i].name for node in graph.nodes for i in UNSCORED_INPUTS.get(node.op, ())
+            if i < len(node.inputs)}
 
 
 ELEMENTWISE_OPS = (

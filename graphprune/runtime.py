@@ -16,6 +16,9 @@ from graphprune.ir import EXTERNAL_DATA_THRESHOLD, first_line, proto_bytes, save
 
 logger = logging.getLogger(__name__)
 
+# ORT prints its own errors to stderr; graphprune reports them as one line of its own instead
+ort.set_default_logger_severity(3)
+
 #: size used for symbolic (dynamic) input dims when making sample inputs
 DEFAULT_DYNAMIC_DIM = 2
 
@@ -69,6 +72,10 @@ class Verification:
         return {"output_shapes": [list(s) for s in self.output_shapes], "max_output_diff": self.max_abs_diff}
 
 
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(array).dtype, np.floating)
+
+
 def max_relative_diff(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
     """Largest |a - b| scaled by the reference's magnitude (max |a|, at least 1)."""
     worst = 0.0
@@ -99,6 +106,10 @@ def verify(proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
     shapes = tuple(tuple(o.shape) for o in outputs)
     if expected_shapes is not None and shapes != expected_shapes:
         raise VerificationError(f"output shapes changed from {list(expected_shapes)} to {list(shapes)}")
+    if reference is not None:
+        for index, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
+            if _is_float(ref) and np.all(np.isfinite(ref)) and not np.all(np.isfinite(out)):
+                raise VerificationError(f"output {index} has NaN or infinite values where the reference has none")
     diff = None
     if reference is not None:
         diff = max_relative_diff(reference, outputs)

@@ -10,6 +10,7 @@ import numpy as np
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
+from graphprune.rules import unscored_inputs
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class SparsifyOptions:
 class SparsifyWeightsPass(RewritePass):
     """Zero every weight with |w| < threshold, or the smallest `sparsity` fraction of each tensor.
 
-    Reads: float initializers with at least `min_ndim` dims (weights, not biases or norms).
+    Reads: float initializers with at least `min_ndim` dims (weights, not biases or norms; never
+    divisors or normalization statistics, see rules.UNSCORED_INPUTS).
     Changes: their values; shapes stay, so nothing shrinks by itself: the report gives sparsity.
     Preserves: every shape. Options: threshold (EPS >= 0) or sparsity (fraction in [0, 1)), min_ndim.
     """
@@ -43,9 +45,10 @@ class SparsifyWeightsPass(RewritePass):
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         zeroed = total = zeros = 0
+        not_weights = unscored_inputs(model.graph)
         for tensor in model.weights():
             values = np.asarray(tensor.values)
-            if values.ndim < self.options.min_ndim or values.size == 0:
+            if values.ndim < self.options.min_ndim or values.size == 0 or tensor.name in not_weights:
                 continue
             magnitude = np.abs(values)
             if self.options.threshold is not None:
