@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
-from graphprune.errors import GraphpruneError, OptionError
-from graphprune.ir import load_model, save_model
+from graphprune.errors import GraphpruneError, OptionError, OutputError
+from graphprune.ir import first_line, load_model, model_files, save_model
 from graphprune.pipeline import Report
 
 logger = logging.getLogger("graphprune")
@@ -108,17 +108,32 @@ def _version() -> str:
 
 
 # -- commands ------------------------------------------------------------------------------------------
-def _check_paths(input_path: Path, output_path: Path) -> None:
-    if input_path.resolve() == output_path.resolve() or (
-            output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path)):
-        raise OptionError(f"output path {output_path} is the input file; choose another path "
-                          "(the input is never overwritten)")
-    if output_path.exists() and output_path.is_dir():
-        raise OptionError(f"output path {output_path} is a folder; give a file name")
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _check_paths(input_path: Path, output_path: Path, report_path: Path | None = None) -> None:
+    """Refuse outputs that would overwrite the input (or its external data) or each other."""
+    inputs = model_files(input_path) if input_path.is_file() else {input_path.resolve()}
+    written = {"output": output_path, "output data": output_path.with_name(output_path.name + ".data")}
+    if report_path is not None:
+        written["report"] = report_path
+    for label, path in written.items():
+        if _same_file(path, input_path):
+            raise OptionError(f"{label} path {path} is the input file; choose another path "
+                              "(the input is never overwritten)")
+        if path.resolve() in inputs or any(_same_file(path, f) for f in inputs if f.exists()):
+            raise OptionError(f"{label} path {path} is the input's external data file; choose another path")
+        if path.is_dir():
+            raise OptionError(f"{label} path {path} is a folder; give a file name")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise OptionError(f"{label} path {path}: {path.parent} is not a folder")
+    if report_path is not None and any(_same_file(report_path, p) for p in list(written.values())[:2]):
+        raise OptionError(f"report path {report_path} is the output model; choose another path")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    _check_paths(args.input, args.output)
+    _check_paths(args.input, args.output, args.report)
     shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
                  "weight_threshold": args.weight_threshold}
     if args.pipeline:
@@ -138,7 +153,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                            seed=args.seed, **options)
     save_model(model, args.output, external=True if args.external_data else None)
     if args.report:
-        _write_json(args.report, report.to_json())
+        try:
+            _write_json(args.report, report.to_json())
+        except OSError as exc:  # no half-done job: the model goes too
+            args.output.unlink(missing_ok=True)
+            args.output.with_name(args.output.name + ".data").unlink(missing_ok=True)
+            raise OutputError(f"cannot write report {args.report}: {first_line(exc)}") from exc
     print_report(report, args.output)
     return 0
 
@@ -162,10 +182,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for column in ("id", "kind", "units", "kept", "weights", "members", "status"):
         table.add_column(column)
     for g in groups:
-        status = "prunable" if g.prunable else "frozen: " + "; ".join(g.frozen or ("single unit",))
         weights = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.weights[:3]) + (" …" if len(g.weights) > 3 else "")
         members = "\n".join(f"{m.tensor}[{m.axis}]" for m in g.members) if args.members else str(len(g.members))
-        table.add_row(str(g.id), g.kind, str(g.units), str(kept[g.id]), weights, members, status)
+        table.add_row(str(g.id), g.kind, str(g.units), str(kept[g.id]), weights, members, g.status)
     console.print(table)
     if costs is not None:
         node_table = Table(title="cost per node (symbolic dims count as 1)")
@@ -203,6 +222,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from graphprune.bench import bench_models, bench_table
 
+    for name in ("batch", "threads", "runs"):
+        if getattr(args, name) < 1:
+            raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
     results = bench_models(args.models, batch=args.batch, threads=args.threads, runs=args.runs)
     console.print(bench_table(results))
     if args.json:

@@ -52,6 +52,10 @@ class Group:
         return tuple(m for m in self.members if m.is_weight)
 
     @property
+    def status(self) -> str:
+        return "prunable" if self.prunable else "frozen: " + "; ".join(self.frozen or ("single unit",))
+
+    @property
     def scored_weights(self) -> tuple[Member, ...]:
         """The weights whose magnitude measures a unit's contribution (all weights if none do)."""
         return tuple(m for m in self.weights if m.scored) or self.weights
@@ -253,9 +257,8 @@ def render(deps: Dependencies, groups: tuple[Group, ...] | None = None) -> str:
     """
     lines = []
     for group in deps.weight_groups if groups is None else groups:
-        status = "prunable" if group.prunable else "frozen: " + "; ".join(group.frozen or ("single unit",))
         exact = "" if group.exact else " inexact"
-        lines.append(f"group {group.id} {group.kind} units={group.units}{exact} {status}")
+        lines.append(f"group {group.id} {group.kind} units={group.units}{exact} {group.status}")
         members = []
         for m in group.members:
             whole = len(deps.segments[(m.tensor, m.axis)]) == 1

@@ -25,3 +25,7 @@ class VerificationError(GraphpruneError):
 
 class OptionError(GraphpruneError):
     """A user option is out of range or contradicts another one."""
+
+
+class OutputError(GraphpruneError):
+    """An output file cannot be written, or would overwrite an input."""

@@ -87,7 +87,12 @@ def load_factory(spec: str) -> Callable[[], Any]:
 
 def export_factory(spec: str, **kwargs: Any) -> Model:
     """Call a factory returning `(module, example_inputs)` or a module with `example_inputs()`."""
-    built = load_factory(spec)()
+    try:
+        built = load_factory(spec)()
+    except GraphpruneError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"factory '{spec}' raised {type(exc).__name__}: {first_line(exc)}") from exc
     if isinstance(built, tuple) and len(built) == 2:
         module, example_inputs = built
     elif hasattr(built, "example_inputs"):
@@ -131,13 +136,15 @@ def map_parameters(model: Model, module: Any) -> dict[str, tuple[str, bool]]:
     mapping: dict[str, tuple[str, bool]] = {}
     for const in model.weights():
         values = np.asarray(const.values)
-        for name, array in params:
-            if array.shape == values.shape and np.array_equal(array, values):
-                mapping[const.name] = (name, False)
-                break
-            if array.ndim == 2 and array.T.shape == values.shape and np.array_equal(array.T, values):
-                mapping[const.name] = (name, True)
-                break
+        matches = [(name, False) for name, array in params
+                   if array.shape == values.shape and np.array_equal(array, values)]
+        matches += [(name, True) for name, array in params
+                    if array.ndim == 2 and array.T.shape == values.shape and np.array_equal(array.T, values)]
+        if len(matches) > 1:
+            logger.warning("initializer '%s' equals parameters %s; using '%s' for it",
+                           const.name, ", ".join(m[0] for m in matches), matches[0][0])
+        if matches:
+            mapping[const.name] = matches[0]
     return mapping
 
 

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from graphprune.errors import InvalidGraphError, ModelLoadError
+from graphprune.errors import InvalidGraphError, ModelLoadError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -248,13 +248,33 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise ModelLoadError(f"{where}: external data file '{location}' is missing "
                                  f"(expected next to the model in {folder})")
-        offset = int(info.get("offset", 0))
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        length = int(info.get("length", int(np.prod(tensor.dims, dtype=np.int64)) * itemsize))
+        try:
+            offset = int(info.get("offset", 0))
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            length = int(info.get("length", int(np.prod(tensor.dims, dtype=np.int64)) * itemsize))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{where}: malformed external data entry (offset/length/data type): "
+                                 f"{first_line(exc)}") from exc
         size = target.stat().st_size
         if offset + length > size:
             raise ModelLoadError(f"{where}: external data '{location}' is too short "
                                  f"(needs bytes {offset}..{offset + length}, file has {size})")
+
+
+def model_files(path: str | os.PathLike) -> set[Path]:
+    """The model file and every external data file it names (resolved), as far as readable."""
+    path = Path(path)
+    files = {path.resolve()}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: only the file itself is known
+        return files
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if location:
+                files.add((path.parent / location).resolve())
+    return files
 
 
 def check_graph(proto: onnx.ModelProto, where: str = "model") -> None:
@@ -291,8 +311,11 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
     size_threshold = 0 if external else 1024
     if external is None:
         external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {first_line(exc)}") from exc
     try:
         data_name = f"{path.name}.data"
         staged = staging / path.name
@@ -304,6 +327,8 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
         else:
             onnx.save_model(proto, staged)
         os.replace(staged, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -222,6 +222,10 @@ class AnalysisManager:
             return self.run(analysis, model)
         return self._results[cls.name]
 
+    def cached(self, name: str) -> Any:
+        """The current result of analysis `name`, or None when it has not run since the last rewrite."""
+        return self._results.get(pass_class(name).name)
+
     def invalidate(self) -> None:
         self._results.clear()
 
@@ -307,10 +311,6 @@ class PassManager:
                 if isinstance(p, AnalysisPass):
                     result = self.am.run(p, model)
                     outcome = PassResult(False, getattr(result, "stats", {}) or {})
-                    if p.name == "analyze-deps" and not report.groups:
-                        report.groups = [{"id": g.id, "kind": g.kind, "units_before": g.units,
-                                          "units_after": g.units, "frozen": bool(g.frozen)}
-                                         for g in result.weight_groups]
                 else:
                     outcome = p.run(model, self.am)
             except GraphpruneError as exc:
@@ -320,6 +320,10 @@ class PassManager:
                 raise PipelineError(f"pass '{p.name}' failed with {type(exc).__name__}: "
                                     f"{first_line(exc)}{_after(done)}") from exc
             seconds = time.perf_counter() - start
+            deps = self.am.cached("analyze-deps")  # run by this pass or asked for by it
+            if deps is not None and not report.groups:
+                report.groups = [{"id": g.id, "kind": g.kind, "units_before": g.units, "units_after": g.units,
+                                  "frozen": bool(g.frozen)} for g in deps.weight_groups]
             if isinstance(p, RewritePass) and outcome.modified:
                 self.am.invalidate()
                 if self.verify:

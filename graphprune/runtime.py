@@ -36,11 +36,12 @@ def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFA
         shape = [d.dim_value if d.HasField("dim_value") else dynamic_dim for d in ttype.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+            values = rng.standard_normal(shape)
         elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
+            values = rng.random(shape) < 0.5
         else:
-            feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+            values = rng.integers(0, 2, size=shape)
+        feeds[value.name] = np.asarray(values, dtype=dtype)  # rank 0 draws are scalars, ORT wants arrays
     return feeds
 
 

@@ -11,7 +11,7 @@ from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 class AnalyzeDepsPass(AnalysisPass):
     """Group every (tensor, axis) slot with the slots that must lose the same units.
 
-    Reads: the graph with inferred shapes. Changes: nothing. Result: `Dependencies` (groups with
+    Reads: the graph with inferred shapes. Changes/Preserves: nothing (analysis). Result: `Dependencies` (groups with
     members, kind, unit count, frozen reasons). Options: none. See graphprune.deps and the rule
     table in graphprune.rules.
     """

@@ -36,7 +36,7 @@ class ScoreImportancePass(AnalysisPass):
 
     Reads: `analyze-deps`, the weights; for `saliency`, per-initializer arrays given by the caller
     in `am.context["saliency"]` (e.g. the Taylor terms dL/dw * w from torch autograd).
-    Changes: nothing. Result: `Importance`.
+    Changes/Preserves: nothing (analysis). Result: `Importance`.
     Options: kind = l1 (sum |w|) | l2 (sqrt of sum w^2) | random (baseline, seeded) | saliency
     (|sum of the given per-weight contributions| per unit); seed.
 

@@ -12,7 +12,7 @@ class VerifyModelPass(AnalysisPass):
     """onnx.checker, shape inference, an ORT run; output shapes equal to the dense model's.
 
     Reads: the model and, when the pass manager verifies, the dense model's sample inputs and
-    outputs (`am.context`). Changes: nothing. Result: `runtime.Verification` whose
+    outputs (`am.context`). Changes/Preserves: nothing (analysis). Result: `runtime.Verification` whose
     `max_abs_diff` is the largest output change relative to the dense model. Options: none.
     Raises VerificationError when any check fails.
     """
