@@ -162,3 +162,53 @@ def test_console_script_exit_code_and_message(model_dir, tmp_path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_report_path_may_not_be_the_input_or_the_output(capsys, model_dir, tmp_path) -> None:
+    run_refused(capsys, model_dir / "model.onnx", tmp_path / "out.onnx", "--ratio", "0.5", "--report",
+                str(model_dir / "model.onnx"), expect="report path")
+    run_refused(capsys, model_dir / "model.onnx", tmp_path / "out.onnx", "--ratio", "0.5", "--report",
+                str(tmp_path / "out.onnx"), expect="is the output model")
+
+
+def test_output_may_not_overwrite_the_inputs_external_data(capsys, model_dir) -> None:
+    path = _external(model_dir)
+    before = _digest(model_dir)
+    code = main(["prune", str(path), "-o", str(model_dir / "ext.onnx.data"), "--ratio", "0.5"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and "external data file" in lines[0]
+    assert _digest(model_dir) == before
+
+
+def test_output_under_a_file(capsys, model_dir) -> None:
+    model = model_dir / "model.onnx"
+    run_refused(capsys, model, model / "x.onnx", "--ratio", "0.5", expect="is not a folder")
+
+
+def test_malformed_external_data_entry(capsys, model_dir, tmp_path) -> None:
+    path = _external(model_dir)
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "offset":
+            entry.value = "twelve"
+    path.write_bytes(proto.SerializeToString())
+    run_refused(capsys, path, tmp_path / "out.onnx", "--ratio", "0.5", expect="malformed external data entry")
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["inspect", "{missing}"], "no such file"),
+    (["inspect", "{garbage}"], "not a valid ONNX model"),
+    (["bench", "{model}", "--runs", "0"], "--runs must be at least 1"),
+    (["bench", "{model}", "{garbage}"], "not a valid ONNX model"),
+    (["export", "graphprune.models.mlp:train", "-o", "{out}"], "factory 'graphprune.models.mlp:train' raised TypeError"),
+    (["export", "no_such_module_xyz:f", "-o", "{out}"], "cannot import module 'no_such_module_xyz'"),
+])
+def test_other_commands_refuse_bad_input_in_one_line(capsys, model_dir, tmp_path, args, expect) -> None:
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00\xff" * 100)
+    paths = {"missing": tmp_path / "nope.onnx", "garbage": tmp_path / "garbage.onnx",
+             "model": model_dir / "model.onnx", "out": tmp_path / "out.onnx"}
+    before = _digest(model_dir)
+    code = main([a.format(**{k: str(v) for k, v in paths.items()}) for a in args])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and expect in lines[0], lines
+    assert not (tmp_path / "out.onnx").exists() and _digest(model_dir) == before

@@ -94,6 +94,30 @@ class _BreakGraph(RewritePass):
         return PassResult(True)
 
 
+class _ShrinkOutput(RewritePass):
+    """Test pass: drops output features (a shape change the manager must refuse)."""
+
+    name = "test-shrink-output"
+
+    def run(self, model, am) -> PassResult:
+        node = model.graph.nodes[-1]
+        for index in (1, 2):
+            node.inputs[index].values = np.asarray(node.inputs[index].values)[:5]
+        model.graph.outputs[0].shape = ["batch", 5]  # a consistent model, only smaller
+        return PassResult(True)
+
+
+class _Infinite(RewritePass):
+    """Test pass: divides by zero somewhere (outputs become infinite)."""
+
+    name = "test-infinite"
+
+    def run(self, model, am) -> PassResult:
+        node = model.graph.nodes[-1]
+        node.inputs[2].values = np.full_like(np.asarray(node.inputs[2].values), np.inf)
+        return PassResult(True)
+
+
 class _Crash(RewritePass):
     name = "test-crash"
 
@@ -103,10 +127,11 @@ class _Crash(RewritePass):
 
 @pytest.fixture()
 def test_passes():
-    for cls in (_BreakOutputs, _BreakGraph, _Crash):
+    classes = (_BreakOutputs, _BreakGraph, _ShrinkOutput, _Infinite, _Crash)
+    for cls in classes:
         REGISTRY[cls.name] = cls
     yield
-    for cls in (_BreakOutputs, _BreakGraph, _Crash):
+    for cls in classes:
         REGISTRY.pop(cls.name)
 
 
@@ -114,6 +139,8 @@ def test_passes():
     ("test-break-outputs", "outputs changed by"),
     ("test-break-graph", "does not verify"),
     ("test-crash", "failed with KeyError"),
+    ("test-shrink-output", "output shapes changed from [(2, 10)] to [(2, 5)]"),
+    ("test-infinite", "NaN or infinite values"),
 ])
 def test_failure_names_the_pass_and_those_before(trained_simple_net, test_passes, bad, message) -> None:
     model = graphprune.load_model(trained_simple_net.path)
@@ -128,3 +155,23 @@ def test_lossy_pass_is_not_held_to_equal_outputs(trained_simple_net) -> None:
     model = graphprune.load_model(trained_simple_net.path)
     report = graphprune.prune(model, ratio=0.5)
     assert report.verified and report.max_output_diff > 0
+
+
+def test_a_rewrite_invalidates_analyses_in_the_manager(trained_simple_net, monkeypatch) -> None:
+    from graphprune.passes.analyze_deps import AnalyzeDepsPass
+
+    calls = []
+    original = AnalyzeDepsPass.run
+    monkeypatch.setattr(AnalyzeDepsPass, "run", lambda self, model, am: calls.append(1) or original(self, model, am))
+    model = graphprune.load_model(trained_simple_net.path)
+    report = PassManager(parse_pipeline("deps,prune{ratio=0.5},prune{ratio=0.5}")).run(model)
+    assert len(calls) == 2  # once before the first prune, again on the pruned model
+    assert [p.stats["units_removed"] for p in report.passes[1:]] == [10, 5]
+    assert report.params_after == 5 * 10 + 5 + 10 * 5 + 10
+
+
+def test_only_dead_unit_removal_is_declared_lossless() -> None:
+    assert parse_pipeline("prune{threshold=0}")[0].lossless
+    assert not parse_pipeline("prune{threshold=0.1}")[0].lossless
+    assert not parse_pipeline("prune{ratio=0.1}")[0].lossless
+    assert all(parse_pipeline(name)[0].lossless for name in ("unshare", "cleanup"))
