@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 
+from graphprune.deps import Group
 from graphprune.ir import Model
 
 _WEIGHTS = re.compile(r"^\s*#\s*weights:(.*)$", re.MULTILINE)
@@ -37,3 +39,46 @@ def model_from_text(text: str, seed: int = 0) -> Model:
         proto.graph.initializer.append(onnx.numpy_helper.from_array(array, value.name))
     onnx.checker.check_model(proto)
     return Model.from_onnx(proto)
+
+
+def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int]], seed: int = 2) -> int:
+    """The dead-unit oracle: zero the units `choose_dead(group)` picks in every exact prunable group
+    (in all weights that score them), prune with `threshold=0` and assert that exactly those units
+    left every member and the ORT outputs did not change. Returns the parameters removed.
+
+    Runs on an un-shared copy of the constants and without cleanup (which would merge copies that
+    stay equal), so the parameter count is exact.
+    """
+    from graphprune import api, runtime
+    from graphprune.deps import analyze
+    from graphprune.ir import unshare_constants
+
+    unshare_constants(model)
+    model.infer_shapes()
+    deps = analyze(model)
+    dead = {g.id: choose_dead(g) for g in deps.prunable if g.exact}
+    consts = model.constants()
+    for group in deps.prunable:
+        for member in group.scored_weights if dead.get(group.id) else ():
+            values = np.asarray(consts[member.tensor].values).copy()
+            index: list = [slice(None)] * values.ndim
+            index[member.axis] = [member.start + u for u in sorted(dead[group.id])]
+            values[tuple(index)] = 0
+            consts[member.tensor].values = values
+    expected = 0
+    for tensor in model.weights():
+        kept = [sum(stop - start - len(dead.get(gid, ())) for start, stop, gid in deps.segments[(tensor.name, axis)])
+                if (tensor.name, axis) in deps.segments else size for axis, size in enumerate(tensor.values.shape)]
+        expected += int(np.prod(kept))
+    proto = model.to_onnx()
+    feeds = runtime.sample_inputs(proto, seed=seed)
+    before = runtime.run(proto, feeds)
+    report = api.prune(model, "deps,importance,prune{threshold=0},verify")
+    after = runtime.run(model.to_onnx(), feeds)
+    assert report.verified, "pruned model does not verify"
+    assert report.params_after == expected, f"params {report.params_after} != expected {expected}"
+    for a, b in zip(after, before, strict=True):
+        assert a.shape == b.shape
+        scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+        assert np.max(np.abs(a - b), initial=0.0) <= 1e-6 * scale, "outputs changed"
+    return report.params_before - report.params_after
