@@ -14,6 +14,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 import networkx as nx
 import onnx_graphsurgeon as gs
@@ -36,6 +37,7 @@ class Member:
     stop: int | None
     is_weight: bool
     scored: bool = True  # counts towards the unit's importance (divisors do not)
+    unit_len: int = 1  # consecutive elements per unit (H*W for a flattened channel)
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,8 @@ class Group:
 @dataclass(frozen=True)
 class Dependencies:
     groups: tuple[Group, ...]
-    #: every slot's segments in order: (start, stop, group id)
-    segments: Mapping[Slot, tuple[tuple[int, int | None, int], ...]]
+    #: every slot's segments in order: (start, stop, group id, elements per unit)
+    segments: Mapping[Slot, tuple[tuple[int, int | None, int, int], ...]]
 
     def group(self, group_id: int) -> Group:
         return self.groups[group_id]
@@ -129,6 +131,8 @@ def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | No
         slots.update((same.a, same.b))
     for offset in couplings.offsets:
         slots.update((offset.part, offset.whole))
+    for blocked in couplings.blocked:
+        slots.update((blocked.coarse, blocked.fine))
     slots.update(couplings.frozen)
     for name in couplings.frozen_tensors:
         # every axis of a frozen tensor is a slot, so `inspect` lists frozen weights too
@@ -145,17 +149,20 @@ def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | No
 
 def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> dict[Slot, list[int]]:
     """Propagate segment boundaries across couplings until every coupled pair agrees."""
-    # edge: (target, shift, lo, hi): a cut c of the source lands at c + shift in the target
-    # when lo <= c <= hi
-    edges: dict[Slot, list[tuple[Slot, int, int, float]]] = defaultdict(list)
+    # edge: (target, num, den, shift, lo, hi): a cut c of the source lands at c * num / den + shift
+    # in the target when lo <= c <= hi (and c * num divides by den: else the cut splits a block)
+    edges: dict[Slot, list[tuple[Slot, int, int, int, int, float]]] = defaultdict(list)
     inf = float("inf")
     for same in couplings.same:
-        edges[same.a].append((same.b, 0, 0, inf))
-        edges[same.b].append((same.a, 0, 0, inf))
+        edges[same.a].append((same.b, 1, 1, 0, 0, inf))
+        edges[same.b].append((same.a, 1, 1, 0, 0, inf))
     for off in couplings.offsets:
         length = sizes[off.part]
-        edges[off.part].append((off.whole, off.start, 0, inf))
-        edges[off.whole].append((off.part, -off.start, off.start, off.start + length))
+        edges[off.part].append((off.whole, 1, 1, off.start, 0, inf))
+        edges[off.whole].append((off.part, 1, 1, -off.start, off.start, off.start + length))
+    for blocked in couplings.blocked:
+        edges[blocked.coarse].append((blocked.fine, blocked.block, 1, 0, 0, inf))
+        edges[blocked.fine].append((blocked.coarse, 1, blocked.block, 0, 0, inf))
     cuts: dict[Slot, set[int]] = {s: {0} | ({size} if isinstance(size, int) else set())
                                   for s, size in sizes.items()}
     for off in couplings.offsets:
@@ -163,8 +170,18 @@ def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> d
     work = list(cuts)
     while work:
         slot = work.pop()
-        for target, shift, lo, hi in edges[slot]:
-            new = {c + shift for c in cuts[slot] if lo <= c <= hi} - cuts[target]
+        for target, num, den, shift, lo, hi in edges[slot]:
+            new = set()
+            for c in cuts[slot]:
+                if not lo <= c <= hi:
+                    continue
+                if (c * num) % den:
+                    reason = f"a cut at {c} of '{slot[0]}' axis {slot[1]} splits a unit of {den} elements"
+                    couplings.frozen.setdefault(slot, reason)
+                    couplings.frozen.setdefault(target, reason)
+                    continue
+                new.add(c * num // den + shift)
+            new -= cuts[target]
             if new:
                 cuts[target] |= new
                 work.append(target)
@@ -203,6 +220,10 @@ def analyze(model: Model) -> Dependencies:
     for off in couplings.offsets:
         for start, _ in segments_of(off.part):
             graph.add_edge((off.part, start), (off.whole, start + off.start))
+    for blocked in couplings.blocked:
+        for start, _ in segments_of(blocked.coarse):
+            coarse, fine = (blocked.coarse, start), (blocked.fine, start * blocked.block)
+            graph.add_edge(coarse, fine, ratio={coarse: 1, fine: blocked.block})
 
     order = _tensor_order(model)
     frozen_tensors = couplings.frozen_tensors
@@ -214,12 +235,15 @@ def analyze(model: Model) -> Dependencies:
     for group_id, component in enumerate(components):
         members, reasons, kinds, inexact = [], [], [], []
         lengths = set()
+        unit_lens = _unit_lengths(graph, component, reasons)
         for slot, start in sorted(component, key=lambda s: (order.get(s[0][0], len(order)), s[0][1], s[1])):
-            stop = graph.nodes[(slot, start)]["stop"]
+            stop = graph.nodes[(slot, start)].get("stop")
             name, axis = slot
-            members.append(Member(name, axis, start, stop, name in constants, slot not in couplings.unscored))
-            lengths.add(None if stop is None else stop - start)
-            segments[slot].append((start, stop, group_id))
+            unit_len = unit_lens[(slot, start)]
+            members.append(Member(name, axis, start, stop, name in constants, slot not in couplings.unscored,
+                                  unit_len))
+            lengths.add(None if stop is None or (stop - start) % unit_len else (stop - start) // unit_len)
+            segments[slot].append((start, stop, group_id, unit_len))
             for reason in (couplings.frozen.get(slot), frozen_tensors.get(name)):
                 if reason and reason not in reasons:
                     reasons.append(reason)
@@ -236,6 +260,30 @@ def analyze(model: Model) -> Dependencies:
     logger.debug("dependency analysis: %d groups, %d with weights, %d of those frozen",
                  len(groups), sum(1 for g in groups if g.weights), frozen_count)
     return Dependencies(tuple(groups), {slot: tuple(sorted(segs)) for slot, segs in segments.items()})
+
+
+def _unit_lengths(graph: nx.Graph, component: set, reasons: list[str]) -> dict:
+    """Elements per unit of every segment: 1 for the coarsest member, `block` times more across
+    each Blocked edge. Inconsistent factors (a cycle through different blocks) freeze the group."""
+    start = min(component, key=lambda n: (n[0][0], n[0][1], n[1]))
+    scale = {start: Fraction(1)}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for other in graph.neighbors(node):
+            ratio = graph.edges[node, other].get("ratio")
+            value = scale[node] * (Fraction(ratio[other], ratio[node]) if ratio else 1)
+            if other not in scale:
+                scale[other] = value
+                stack.append(other)
+            elif scale[other] != value and "members disagree on the size of a unit" not in reasons:
+                reasons.append("members disagree on the size of a unit")
+    smallest = min(scale.values())
+    lengths = {}
+    for node, value in scale.items():
+        length = value / smallest
+        lengths[node] = int(length) if length.denominator == 1 else 1
+    return lengths
 
 
 def _tensor_order(model: Model) -> dict[str, int]:
@@ -263,6 +311,7 @@ def render(deps: Dependencies, groups: tuple[Group, ...] | None = None) -> str:
         for m in group.members:
             whole = len(deps.segments[(m.tensor, m.axis)]) == 1
             where = f"[{m.axis}]" if whole else f"[{m.axis}][{m.start}:{m.stop}]"
+            where += f"x{m.unit_len}" if m.unit_len > 1 else ""
             members.append(f"{'*' if m.is_weight else ''}{m.tensor}{where}")
         lines.append("  " + " ".join(members))
     return "\n".join(lines) + "\n"

@@ -37,7 +37,7 @@ class Plan:
 def unit_rows(values: np.ndarray, member: Member) -> np.ndarray:
     """A member's per-element array (weights, gradients...) as [units, elements-per-unit]."""
     part = np.take(np.asarray(values), np.arange(member.start, member.stop), axis=member.axis)
-    return np.moveaxis(part, member.axis, 0).reshape(member.stop - member.start, -1)
+    return np.moveaxis(part, member.axis, 0).reshape((member.stop - member.start) // member.unit_len, -1)
 
 
 def kept_count(units: int, ratio: float, round_to: int) -> int:

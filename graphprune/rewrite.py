@@ -114,13 +114,14 @@ FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
 
 
 def kept_indices(deps: Dependencies, plan: Plan) -> dict[Slot, np.ndarray]:
-    """Element indices kept along every slot that loses units."""
+    """Element indices kept along every slot that loses units (each unit is `unit_len` elements)."""
     kept: dict[Slot, np.ndarray] = {}
     for slot, segments in deps.segments.items():
-        if not any(gid in plan.kept for _, _, gid in segments):
+        if not any(gid in plan.kept for _, _, gid, _ in segments):
             continue
-        parts = [start + plan.kept[gid] if gid in plan.kept else np.arange(start, stop)
-                 for start, stop, gid in segments]
+        parts = [start + (plan.kept[gid][:, None] * unit_len + np.arange(unit_len)).ravel()
+                 if gid in plan.kept else np.arange(start, stop)
+                 for start, stop, gid, unit_len in segments]
         kept[slot] = np.concatenate(parts).astype(np.int64)
     return kept
 

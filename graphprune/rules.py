@@ -36,12 +36,23 @@ class Offset:
     start: int
 
 
+@dataclass(frozen=True)
+class Blocked:
+    """Index u of slot `coarse` is indices [u * block, (u + 1) * block) of slot `fine`: a channel
+    flattened with its H*W positions, a head split off its head_dim channels."""
+
+    coarse: Slot
+    fine: Slot
+    block: int
+
+
 @dataclass
 class Couplings:
     """What the rules found: couplings, frozen slots with reasons, and roles of slots."""
 
     same: list[Same] = field(default_factory=list)
     offsets: list[Offset] = field(default_factory=list)
+    blocked: list[Blocked] = field(default_factory=list)
     frozen: dict[Slot, str] = field(default_factory=dict)
     frozen_tensors: dict[str, str] = field(default_factory=dict)
     produced: dict[Slot, str] = field(default_factory=dict)  # slot -> unit kind ("neuron", ...)
@@ -54,6 +65,12 @@ class Couplings:
 
     def offset(self, part: Slot, whole: Slot, start: int) -> None:
         self.offsets.append(Offset(part, whole, start))
+
+    def block(self, coarse: Slot, fine: Slot, block: int) -> None:
+        if block == 1:
+            self.couple(coarse, fine)
+        else:
+            self.blocked.append(Blocked(coarse, fine, block))
 
     def freeze(self, slot: Slot, reason: str) -> None:
         self.frozen.setdefault(slot, reason)
