@@ -105,11 +105,46 @@ def fix_squeeze(node: gs.Node, ctx: RewriteContext) -> None:
         node.inputs.append(ctx.constant(f"{node.name}_axes", np.array(axes, dtype=np.int64)))
 
 
+def fix_conv(node: gs.Node, ctx: RewriteContext) -> None:
+    """Depthwise convolutions keep one group per input channel."""
+    x = node.inputs[0]
+    if int(node.attrs.get("group", 1)) > 1 and ctx.kept_of(x, 1) is not None:
+        node.attrs["group"] = len(ctx.kept_of(x, 1))
+
+
+def _new_sizes(tensor: gs.Tensor, ctx: RewriteContext) -> list:
+    return [ctx.size_of(tensor, axis, dim) for axis, dim in enumerate(tensor.shape)]
+
+
+def fix_reshape(node: gs.Node, ctx: RewriteContext) -> None:
+    """Recompute every literal size of the target shape; 0 and -1 entries stay as they are."""
+    y = node.outputs[0]
+    if not any(ctx.kept_of(y, axis) is not None for axis in range(len(y.shape))):
+        return
+    target = np.array(node.inputs[1].values, dtype=np.int64).copy()
+    sizes = _new_sizes(y, ctx)
+    for axis, entry in enumerate(target):
+        if entry > 0 and ctx.kept_of(y, axis) is not None:
+            target[axis] = sizes[axis]
+    node.inputs[1] = ctx.constant(f"{node.name}_shape", target)
+
+
+def fix_resize(node: gs.Node, ctx: RewriteContext) -> None:
+    """A Resize given output `sizes` gets the new channel count."""
+    y = node.outputs[0]
+    if len(node.inputs) > 3 and node.inputs[3].name and any(
+            ctx.kept_of(y, axis) is not None for axis in range(len(y.shape))):
+        node.inputs[3] = ctx.constant(f"{node.name}_sizes", np.array(_new_sizes(y, ctx), dtype=np.int64))
+
+
 #: op type -> function that updates the op's size-carrying constants/attributes after slicing.
 FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Split": fix_split,
     "Slice": fix_slice,
     "Squeeze": fix_squeeze,
+    "Conv": fix_conv,
+    "Reshape": fix_reshape,
+    "Resize": fix_resize,
 }
 
 

@@ -442,3 +442,10 @@ RULES: dict[str, Rule] = {
     "Unsqueeze": unsqueeze,
     "Squeeze": squeeze,
 }
+
+# the convolution and axis-regrouping rows live in their own modules (they import the helpers above)
+from graphprune.rules_conv import CONV_RULES  # noqa: E402
+from graphprune.rules_shape import SHAPE_RULES  # noqa: E402
+
+RULES.update(CONV_RULES)
+RULES.update(SHAPE_RULES)
