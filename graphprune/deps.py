@@ -139,8 +139,8 @@ def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | No
         tensor = tensors[name]
         shape = shape_of(tensor)
         slots.update((name, axis) for axis in range(len(shape or ())))
-    sizes: dict[Slot, int | str | None] = {}
-    for name, axis in slots:
+    sizes: dict[Slot, int | str | None] = dict(couplings.virtual)
+    for name, axis in slots - couplings.virtual.keys():
         tensor = tensors[name]
         shape = shape_of(tensor)
         sizes[(name, axis)] = shape[axis] if shape is not None and axis < len(shape) else None

@@ -20,6 +20,7 @@ from graphprune.deps import Dependencies
 from graphprune.ir import Model, shape_of
 from graphprune.plan import Plan
 from graphprune.rules import Slot, slice_start
+from graphprune.rules_conv import group_slot
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,10 @@ def fix_squeeze(node: gs.Node, ctx: RewriteContext) -> None:
 
 
 def fix_conv(node: gs.Node, ctx: RewriteContext) -> None:
-    """Depthwise convolutions keep one group per input channel."""
-    x = node.inputs[0]
-    if int(node.attrs.get("group", 1)) > 1 and ctx.kept_of(x, 1) is not None:
-        node.attrs["group"] = len(ctx.kept_of(x, 1))
+    """A grouped convolution keeps as many groups as its group slot kept."""
+    kept = ctx.kept.get(group_slot(node))
+    if kept is not None:
+        node.attrs["group"] = len(kept)
 
 
 def _new_sizes(tensor: gs.Tensor, ctx: RewriteContext) -> list:
@@ -172,7 +173,7 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
         by_tensor[name].append((axis, indices))
     sliced = 0
     for name, cuts in by_tensor.items():
-        tensor = tensors[name]
+        tensor = tensors.get(name)  # virtual slots (conv groups) are no tensor
         if isinstance(tensor, gs.Constant):
             values = np.asarray(tensor.values)
             for axis, indices in cuts:

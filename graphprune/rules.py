@@ -57,6 +57,8 @@ class Couplings:
     frozen_tensors: dict[str, str] = field(default_factory=dict)
     produced: dict[Slot, str] = field(default_factory=dict)  # slot -> unit kind ("neuron", ...)
     inexact: dict[Slot, str] = field(default_factory=dict)  # removal changes outputs (normalization)
+    #: slots that are no tensor's axis (the groups of a grouped conv), with their sizes
+    virtual: dict[Slot, int] = field(default_factory=dict)
     #: weights that say nothing about a unit's contribution by their magnitude (divisors)
     unscored: set[Slot] = field(default_factory=set)
 

@@ -12,9 +12,9 @@ def conv(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Y[N, Cout, ...] = Conv(X[N, Cin, ...], W[Cout, Cin/group, k...]) + B[Cout].
 
     group 1: W's output axis produces channels, its input axis consumes X's channels.
-    Depthwise (Cin/group == 1, Cout = Cin * multiplier): each input channel owns `multiplier`
-    consecutive output channels, so channels pass through (the rewrite updates `group`).
-    Other grouped convolutions freeze their channels for now.
+    group > 1 (depthwise, ResNeXt): whole groups are the units, each Cin/group input channels and
+    Cout/group output channels and filters, so every group keeps the same size (a virtual slot
+    holds the group index; the rewrite sets `group` to the groups kept).
     """
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
     if _input_rank(node, ctx, out, minimum=3) is None or ctx.rank(w) is None or ctx.rank(y) is None:
@@ -27,16 +27,24 @@ def conv(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         out.couple((w.name, 0), (y.name, 1))
         if isinstance(w, gs.Constant):
             out.produced.setdefault((w.name, 0), "channel")
-    elif ctx.dim(w, 1) == 1 and isinstance(ctx.dim(x, 1), int) and isinstance(ctx.dim(y, 1), int) \
-            and ctx.dim(x, 1) == group and ctx.dim(y, 1) % group == 0:
-        out.block((x.name, 1), (y.name, 1), ctx.dim(y, 1) // group)
-        out.couple((w.name, 0), (y.name, 1))
-    else:
-        reason = f"{_where(node)}: grouped convolution (group={group}) is not pruned yet"
-        for slot in ((x.name, 1), (w.name, 0), (w.name, 1), (y.name, 1)):
-            out.freeze(slot, reason)
-    for b in bias:
-        out.couple((b.name, 0), (y.name, 1))
+        for b in bias:
+            out.couple((b.name, 0), (y.name, 1))
+        return
+    cin, cout = ctx.dim(x, 1), ctx.dim(y, 1)
+    if not isinstance(cin, int) or not isinstance(cout, int) or cin % group or cout % group:
+        freeze_node(node, ctx, out, f"{_where(node)}: grouped convolution with unknown channel counts")
+        return
+    # a unit is one whole group: cin/group input channels, cout/group output channels and filters
+    groups = group_slot(node)
+    out.virtual[groups] = group
+    out.block(groups, (x.name, 1), cin // group)
+    for tensor, axis in ((y, 1), (w, 0), *((b, 0) for b in bias)):
+        out.block(groups, (tensor.name, axis), cout // group)
+
+
+def group_slot(node: gs.Node) -> tuple[str, int]:
+    """The virtual slot whose units are the groups of a grouped convolution."""
+    return (f"{node.outputs[0].name}#groups", 0)
 
 
 def conv_transpose(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
