@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from graphprune.models import SimpleNet, make_regression_data, train, zero_hidden_units
 
 import graphprune
+from graphprune.models import SimpleNet, make_regression_data, train, zero_hidden_units
 
 DEAD_UNITS = (1, 5, 7, 13)
 

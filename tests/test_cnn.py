@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from graphprune.models.cnn import CNN_BUILDERS, build
 
 import graphprune
 from graphprune import runtime
 from graphprune.cli import main
+from graphprune.models.cnn import CNN_BUILDERS, build
 from graphprune.testing import check_dead_unit_removal
 
 NAMES = sorted(CNN_BUILDERS)

@@ -56,6 +56,7 @@ def test_threshold_zero_twice_changes_nothing(dead_mlp_path, tmp_path) -> None:
 
 def test_threshold_zero_keeps_units_that_are_only_partly_zero(tmp_path) -> None:
     import torch
+
     from graphprune.models import SimpleNet
 
     torch.manual_seed(2)
