@@ -14,7 +14,7 @@ from graphprune.plan import make_plan, validate_budget
 
 
 def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
-                   round_to: int = 1, sparsity: float | None = None, weight_threshold: float | None = None,
+                   round_to: int | None = None, sparsity: float | None = None, weight_threshold: float | None = None,
                    seed: int = 0) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
     structural = ratio is not None or threshold is not None
@@ -28,8 +28,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
     if structural:
         validate_budget(ratio, threshold, round_to)
         budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
-        stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}",
-                   f"prune{{{budget},round_to={round_to}}}"]
+        rounding = "" if round_to is None else f",round_to={round_to}"
+        stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
     if unstructured:
         amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
         stages.append(f"sparsify{{{amount}}}")
@@ -66,7 +66,7 @@ def inspect(model: Model) -> Dependencies:
 
 
 def preview(model: Model, ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
-            round_to: int = 1, seed: int = 0) -> tuple[Dependencies, dict[int, int]]:
+            round_to: int | None = None, seed: int = 0) -> tuple[Dependencies, dict[int, int]]:
     """Dry run of `prune`: the groups and how many units each would keep; `model` is not changed."""
     work = _analysis_copy(model)
     am = AnalysisManager()

@@ -42,7 +42,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--threshold", type=float,
                         help="remove every unit whose group importance is <= EPS (0: lossless dead-unit removal)")
     p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2", help="unit score (default l2)")
-    p.add_argument("--round-to", type=int, default=1, help="kept units per group are a multiple of N (default 1)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="kept units per group are a multiple of N (default: 8 for groups of 32+ units, else 1)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--sparsity", type=float, help="zero the smallest fraction F of each weight tensor")
     weights.add_argument("--weight-threshold", type=float, help="zero every weight with |w| < EPS")
@@ -63,7 +64,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
     budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
     p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2")
-    p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
 
 

@@ -54,3 +54,11 @@ def test_ratio_keeps_the_highest_scores(trained_simple_net) -> None:
     keep = np.sort(np.argsort(-l1, kind="stable")[:14])
     graphprune.prune(model, ratio=0.3, importance="l1")
     assert np.array_equal(np.asarray(model.constants()["fc1.bias"].values, np.float64), b1[keep])
+
+
+def test_default_rounding_keeps_multiples_of_8_in_large_groups_only() -> None:
+    from graphprune.plan import kept_count
+
+    assert kept_count(64, 0.3, None) == 48  # 45 kept -> 48
+    assert kept_count(20, 0.3, None) == 14  # small group: no rounding
+    assert kept_count(64, 0.3, 1) == 45 and kept_count(64, 0.3, 16) == 48
