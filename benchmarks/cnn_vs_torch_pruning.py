@@ -5,8 +5,8 @@
         [--ratios 0.3,0.5] [--runs 20] [--threads 2] [--size 224] [--out benchmarks/results/cnn.json]
 
 Every variant is exported the same way (graphprune.from_torch: torch.onnx.export, dynamo, opset 20,
-dynamic batch); both prune with L2 magnitude, `round_to=8`, the same per-group ratio, the
-classifier output kept. Latency is timed in ONE interleaved round-robin run per batch size
+dynamic batch); both prune with L2 magnitude, `round_to=8` rounding kept counts down (Torch-Pruning's
+convention; graphprune's `--round-mode down`), the same per-group ratio, the classifier output kept. Latency is timed in ONE interleaved round-robin run per batch size
 (graphprune.bench), so machine noise hits every variant alike; speedups are ratios in that run.
 Random weights: this measures speed and size, not accuracy.
 """
@@ -61,7 +61,8 @@ def run(models: list[str], ratios: list[float], runs: int, threads: int, size: i
         variants = {"dense": export(net, example, folder / f"{name}-dense.onnx")}
         for ratio in ratios:
             model = graphprune.load_model(variants["dense"])
-            graphprune.prune(model, ratio=ratio, round_to=8, importance="l2")
+            # round_mode "down" is Torch-Pruning's rounding: both get the same channel counts
+            graphprune.prune(model, ratio=ratio, round_to=8, round_mode="down", importance="l2")
             variants[f"graphprune {ratio}"] = graphprune.save_model(model, folder / f"{name}-gp-{ratio}.onnx")
             variants[f"torch-pruning {ratio}"] = export(torch_pruning_variant(net, example, ratio), example,
                                                         folder / f"{name}-tp-{ratio}.onnx")

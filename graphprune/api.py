@@ -14,7 +14,7 @@ from graphprune.plan import make_plan, validate_budget
 
 
 def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
-                   round_to: int | None = None, sparsity: float | None = None, weight_threshold: float | None = None,
+                   round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None, weight_threshold: float | None = None,
                    seed: int = 0) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
     structural = ratio is not None or threshold is not None
@@ -28,7 +28,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
     if structural:
         validate_budget(ratio, threshold, round_to)
         budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
-        rounding = "" if round_to is None else f",round_to={round_to}"
+        rounding = ("" if round_to is None else f",round_to={round_to}") + (
+            "" if round_mode == "up" else f",round_mode={round_mode}")
         stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
     if unstructured:
         amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"

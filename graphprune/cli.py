@@ -44,6 +44,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2", help="unit score (default l2)")
     p.add_argument("--round-to", type=int, default=None,
                    help="kept units per group are a multiple of N (default: 8 for groups of 32+ units, else 1)")
+    p.add_argument("--round-mode", choices=("up", "down"), default="up",
+                   help="up: never remove more than --ratio (default); down: remove at least --ratio "
+                        "(Torch-Pruning's convention)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--sparsity", type=float, help="zero the smallest fraction F of each weight tensor")
     weights.add_argument("--weight-threshold", type=float, help="zero every weight with |w| < EPS")
@@ -143,7 +146,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise OptionError(f"--pipeline replaces --{given[0].replace('_', '-')}; give one or the other")
         options = {}
     else:
-        options = dict(shortcuts, importance=args.importance, round_to=args.round_to)
+        options = dict(shortcuts, importance=args.importance, round_to=args.round_to, round_mode=args.round_mode)
         api.build_pipeline(**options)  # validate before loading anything
     model = load_model(args.input)
     with console.status("pruning") as status:

@@ -58,9 +58,14 @@ def round_up(keep: int, units: int, round_to: int | None) -> int:
     return min(units, max(1, math.ceil(keep / step) * step))
 
 
-def kept_count(units: int, ratio: float, round_to: int | None) -> int:
-    """Units left after removing `ratio` of them, rounded up to a multiple of `round_to`
-    (None: the automatic choice above)."""
+def kept_count(units: int, ratio: float, round_to: int | None, round_mode: str = "up") -> int:
+    """Units left after removing `ratio` of them, as a multiple of `round_to` (None: the automatic
+    choice above). "up" never removes more than asked; "down" keeps floor((1 - ratio) * units)
+    rounded down (Torch-Pruning's convention), never fewer than one multiple."""
+    if round_mode == "down":
+        step = effective_round_to(units, round_to)
+        keep = math.floor(units * (1 - ratio) + 1e-9)
+        return min(units, max(min(step, units), keep - keep % step, 1))
     return round_up(max(1, units - math.floor(units * ratio + 1e-9)), units, round_to)
 
 
@@ -76,7 +81,7 @@ def validate_budget(ratio: float | None, threshold: float | None, round_to: int 
 
 
 def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = None,
-              threshold: float | None = None, round_to: int | None = None) -> Plan:
+              threshold: float | None = None, round_to: int | None = None, round_mode: str = "up") -> Plan:
     """Keep the highest-scored units of each prunable group; never remove every unit."""
     validate_budget(ratio, threshold, round_to)
     kept: dict[int, np.ndarray] = {}
@@ -85,7 +90,7 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
         # stable ordering: by score descending, lower index first among equals
         ranking = np.lexsort((np.arange(len(scores)), -scores))
         if ratio is not None:
-            keep = kept_count(group.units, ratio, round_to)
+            keep = kept_count(group.units, ratio, round_to, round_mode)
         else:
             # a threshold means "every unit scoring <= EPS": only an explicit round_to rounds it
             keep = round_up(int(np.count_nonzero(scores > threshold)), group.units, round_to or 1)

@@ -80,13 +80,21 @@ def test_bench_side_by_side(trained_simple_net, tmp_path, capsys) -> None:
     assert all(r["batch"] == 4 and r["latency_ms_median"] > 0 for r in rows)
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
+def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+    from graphprune import demo
+
+    original = demo.run_demo
+    monkeypatch.setattr(demo, "run_demo", lambda out, console: original(out, console, epochs=4, bench_runs=3))
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
-    assert "sparsity" in text and "Taylor-scored hidden units 20 -> 10" in text
+    assert "DigitsCNN" in text and "speedup" in text
     summary = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert summary["pruned_report"]["verified"] and summary["pruned_report"]["params_after"] == 220
-    for name in ("dense.onnx", "sparse.onnx", "pruned.onnx"):
+    dense, half, l2 = summary["dense"], summary["Taylor -50%"], summary["magnitude (L2) -50%"]
+    assert dense["accuracy"] > 0.9  # 4 epochs on digits already learn the task
+    assert half["params"] < 0.35 * dense["params"] and half["report"]["verified"]
+    assert half["params"] == l2["params"] and half["accuracy"] > l2["accuracy"]
+    assert summary["weights 50% zero"]["params"] == dense["params"]
+    for name in ("dense.onnx", "pruned-25.onnx", "pruned-50.onnx", "pruned-50-l2.onnx", "sparse-50.onnx"):
         onnx.checker.check_model(onnx.load(str(tmp_path / "demo" / name)))
 
 
