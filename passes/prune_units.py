@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from graphprune.deps import Dependencies
 from graphprune.ir import Model
@@ -16,6 +17,7 @@ class PruneOptions:
     ratio: float | None = None
     threshold: float | None = None
     round_to: int | None = None
+    round_mode: Literal["up", "down"] = "up"
 
 
 @register
@@ -28,7 +30,8 @@ class PruneUnitsPass(RewritePass):
     and only from groups where such a unit contributes nothing, i.e. not normalized over).
     Options: ratio (fraction of units removed in each group, [0, 1)) or threshold (remove units
     scoring <= threshold); round_to (kept counts are multiples of it; default: 8 for groups of 32+
-    units, which ORT's CPU kernels run fastest, 1 below). Never removes every unit.
+    units, which ORT's CPU kernels run fastest, 1 below); round_mode (up: never remove more than
+    the ratio; down: Torch-Pruning's convention, remove at least the ratio). Never removes every unit.
     """
 
     name = "prune-units"
@@ -49,7 +52,8 @@ class PruneUnitsPass(RewritePass):
             # exact removal only: a zero unit still shifts a normalization's mean and variance
             deps = replace(deps, groups=tuple(g if g.exact else replace(g, frozen=("inexact",))
                                               for g in deps.groups))
-        plan = make_plan(deps, importance, self.options.ratio, self.options.threshold, self.options.round_to)
+        plan = make_plan(deps, importance, self.options.ratio, self.options.threshold, self.options.round_to,
+                         self.options.round_mode)
         if not plan.kept:
             return PassResult(False, {"groups_pruned": 0, "units_removed": 0})
         stats = apply_plan(model, deps, plan)
