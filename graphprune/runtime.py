@@ -51,6 +51,9 @@ def session(proto: onnx.ModelProto, threads: int = 1, providers: list[str] | Non
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # idle ORT worker threads spin by default; with several sessions alive (side-by-side benchmarks)
+    # the spinning threads of one session steal the cores of the one being timed
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or ["CPUExecutionProvider"]
     if proto_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
