@@ -38,7 +38,7 @@ def _predict(model: Model, x: np.ndarray) -> np.ndarray:
     return runtime.run(proto, {proto.graph.input[0].name: x})[0]
 
 
-def run_demo(out: Path, console: Console, epochs: int = 30, bench_runs: int = 30) -> dict:
+def run_demo(out: Path, console: Console, epochs: int = 30, bench_runs: int = 200) -> dict:
     import torch
 
     from graphprune.frontend import from_torch, saliency_for, taylor_saliency

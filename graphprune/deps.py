@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import networkx as nx
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.ir import Model, shape_of
@@ -107,9 +108,27 @@ def collect_couplings(model: Model) -> Couplings:
         if rule is None or (node.domain or "") not in ("", "ai.onnx"):
             freeze_node(node, ctx, out, f"no dependency rule for {node.op} (node '{node.name or '(unnamed)'}')")
             continue
+        out.touched = set()
         rule(node, ctx, out)
         mark_unscored(node, ctx, out)
+        _freeze_untouched(node, ctx, out)
     return out
+
+
+def _freeze_untouched(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Every axis of the node's tensors that its rule neither coupled nor marked is frozen: a rule
+    that forgets an axis (a padded or resized one, a conv's spatial axes) must not let a unit
+    change size through it."""
+    for tensor in list(node.inputs) + list(node.outputs):
+        if tensor is None or not tensor.name or tensor.name in out.frozen_tensors:
+            continue
+        if isinstance(tensor, gs.Constant) and len(tensor.outputs) <= 1:
+            continue  # a kernel axis no other node reads cannot be cut by anything
+        rank = ctx.rank(tensor)
+        for axis in range(rank or 0):
+            if (tensor.name, axis) not in out.touched:
+                out.freeze((tensor.name, axis), f"{node.op} node '{node.name or '(unnamed)'}' does not map "
+                                                f"axis {axis} of '{tensor.name}'")
 
 
 def _subgraph_reads(node: gs.Node) -> set[str]:
@@ -227,20 +246,23 @@ def analyze(model: Model) -> Dependencies:
 
     order = _tensor_order(model)
     frozen_tensors = couplings.frozen_tensors
-    constants = {name for name, t in model.tensors().items() if isinstance(t, gs.Constant)}
+    # float initializers are weights; integer ones (sizes, indices) are sliced too when a group
+    # holds them, but they neither score units nor make a group worth listing
+    weights = {name for name, t in model.tensors().items()
+               if isinstance(t, gs.Constant) and np.issubdtype(np.asarray(t.values).dtype, np.floating)}
     components = sorted(nx.connected_components(graph),
-                        key=lambda comp: min((order.get(s[0], len(order)), s[1], start) for s, start in comp))
+                        key=lambda comp: min((order.get(s[0], len(order)), s[0], s[1], start) for s, start in comp))
     groups: list[Group] = []
     segments: dict[Slot, list[tuple[int, int | None, int]]] = defaultdict(list)
     for group_id, component in enumerate(components):
         members, reasons, kinds, inexact = [], [], [], []
         lengths = set()
         unit_lens = _unit_lengths(graph, component, reasons)
-        for slot, start in sorted(component, key=lambda s: (order.get(s[0][0], len(order)), s[0][1], s[1])):
+        for slot, start in sorted(component, key=lambda s: (order.get(s[0][0], len(order)), s[0][0], s[0][1], s[1])):
             stop = graph.nodes[(slot, start)].get("stop")
             name, axis = slot
             unit_len = unit_lens[(slot, start)]
-            members.append(Member(name, axis, start, stop, name in constants, slot not in couplings.unscored,
+            members.append(Member(name, axis, start, stop, name in weights, slot not in couplings.unscored,
                                   unit_len))
             lengths.add(None if stop is None or (stop - start) % unit_len else (stop - start) // unit_len)
             segments[slot].append((start, stop, group_id, unit_len))

@@ -110,12 +110,20 @@ class Model:
         """Clear and re-infer every intermediate shape (gs never does it by itself).
 
         Graph inputs and outputs keep their declared shapes: pruning never changes them, and ONNX
-        inference cannot always re-derive an output's shape that the file declares.
+        inference cannot always re-derive an output's shape that the file declares. Where ONNX's
+        inference gives up on a shape-preserving op (GroupNormalization in onnx 1.23), the input's
+        shape is carried over and inference runs again from there.
         """
         graph_io = {t.name for t in self.graph.inputs} | {t.name for t in self.graph.outputs}
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Variable) and tensor.name not in graph_io:
                 tensor.shape = None
+        for _ in range(8):
+            self._infer_once(graph_io)
+            if not self._carry_preserved_shapes():
+                break
+
+    def _infer_once(self, graph_io: set[str]) -> None:
         skeleton = weightless_copy(self.to_onnx())
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
@@ -133,6 +141,22 @@ class Model:
                                 for d in ttype.shape.dim]
             if ttype.elem_type:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+
+    def _carry_preserved_shapes(self) -> bool:
+        carried = False
+        for node in self.graph.nodes:
+            if node.op not in SHAPE_PRESERVING_OPS or not node.outputs or not node.inputs:
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if y.shape is None and getattr(x, "shape", None) is not None:
+                y.shape, y.dtype = list(x.shape), x.dtype
+                carried = True
+        return carried
+
+
+#: ops whose first output has the first input's shape and type (fallback when ONNX cannot infer)
+SHAPE_PRESERVING_OPS = frozenset({"GroupNormalization", "InstanceNormalization", "LayerNormalization",
+                                  "BatchNormalization", "Relu", "Sigmoid", "Tanh", "Gelu", "Identity"})
 
 
 def shape_of(tensor: gs.Tensor) -> list | None:

@@ -138,6 +138,14 @@ def fix_resize(node: gs.Node, ctx: RewriteContext) -> None:
         node.inputs[3] = ctx.constant(f"{node.name}_sizes", np.array(_new_sizes(y, ctx), dtype=np.int64))
 
 
+def fix_group_norm(node: gs.Node, ctx: RewriteContext) -> None:
+    """One group per channel stays so (the rule freezes every other grouping)."""
+    x = node.inputs[0]
+    kept = ctx.kept_of(x, 1)
+    if kept is not None and node.attrs.get("num_groups") == _old_dim(x, 1):
+        node.attrs["num_groups"] = len(kept)
+
+
 #: op type -> function that updates the op's size-carrying constants/attributes after slicing.
 FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Split": fix_split,
@@ -146,6 +154,7 @@ FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Conv": fix_conv,
     "Reshape": fix_reshape,
     "Resize": fix_resize,
+    "GroupNormalization": fix_group_norm,
 }
 
 

@@ -61,21 +61,32 @@ class Couplings:
     virtual: dict[Slot, int] = field(default_factory=dict)
     #: weights that say nothing about a unit's contribution by their magnitude (divisors)
     unscored: set[Slot] = field(default_factory=set)
+    #: slots the rule of the current node said something about (the rest is frozen after it)
+    touched: set[Slot] = field(default_factory=set)
 
     def couple(self, a: Slot, b: Slot) -> None:
         self.same.append(Same(a, b))
+        self.touched.update((a, b))
 
     def offset(self, part: Slot, whole: Slot, start: int) -> None:
         self.offsets.append(Offset(part, whole, start))
+        self.touched.update((part, whole))
 
     def block(self, coarse: Slot, fine: Slot, block: int) -> None:
         if block == 1:
             self.couple(coarse, fine)
         else:
             self.blocked.append(Blocked(coarse, fine, block))
+            self.touched.update((coarse, fine))
 
     def freeze(self, slot: Slot, reason: str) -> None:
         self.frozen.setdefault(slot, reason)
+        self.touched.add(slot)
+
+    def mark_inexact(self, slot: Slot, reason: str) -> None:
+        """Removing a unit of this slot is allowed but changes outputs (normalized, reduced...)."""
+        self.inexact[slot] = reason
+        self.touched.add(slot)
 
     def freeze_tensor(self, tensor: gs.Tensor, reason: str) -> None:
         self.frozen_tensors.setdefault(tensor.name, reason)
@@ -173,7 +184,7 @@ def _contraction(node: gs.Node, out: Couplings, a: gs.Tensor, b: gs.Tensor, axis
     """A unit summed away against another activation is not silenced by zero weights (a zero
     row still gives sigmoid(0) = 0.5 on both sides): removing it is not exact."""
     if not isinstance(a, gs.Constant) and not isinstance(b, gs.Constant):
-        out.inexact[axis] = f"{_where(node)} contracts this axis between two activations"
+        out.mark_inexact(axis, f"{_where(node)} contracts this axis between two activations")
 
 
 def gemm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
@@ -245,7 +256,7 @@ def layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
                 reason = f"{_where(node)}: cannot map parameter '{param.name}' to the normalized axis"
                 out.freeze((param.name, last), reason)
                 out.freeze((y.name, axis), reason)
-        out.inexact[(y.name, axis)] = f"{_where(node)} normalizes over this axis"
+        out.mark_inexact((y.name, axis), f"{_where(node)} normalizes over this axis")
     else:
         reason = f"{_where(node)} normalizes over several axes"
         for a in range(axis, rank):

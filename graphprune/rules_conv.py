@@ -97,7 +97,7 @@ def reduce(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     out_axis = 0
     for axis in range(rank):
         if axis in reduced:
-            out.inexact[(x.name, axis)] = f"{_where(node)} reduces over this axis"
+            out.mark_inexact((x.name, axis), f"{_where(node)} reduces over this axis")
             out_axis += 1 if keepdims else 0
             continue
         out.couple((x.name, axis), (y.name, out_axis))
@@ -170,8 +170,11 @@ def resize(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     if rank is None or ctx.rank(y) != rank:
         return
     given = [i for i in (2, 3) if i < len(node.inputs) and node.inputs[i].name]
-    if any(ctx.constant(node.inputs[i]) is None for i in given) or node.attrs.get("axes") is not None:
+    if any(ctx.constant(node.inputs[i]) is None for i in given):
         freeze_node(node, ctx, out, f"{_where(node)}: scales/sizes computed at run time")
+        return
+    if node.attrs.get("axes") is not None:
+        freeze_node(node, ctx, out, f"{_where(node)}: resizes a subset of axes (the `axes` attribute)")
         return
     for axis in range(rank):
         dim = ctx.dim(x, axis)
