@@ -83,3 +83,28 @@ def test_flatten_into_linear_prunes_whole_channels(cnn_paths) -> None:
     conv = [n for n in model.graph.nodes if n.op == "Conv"][-1]
     channels = np.asarray(conv.inputs[1].values).shape[0]
     assert channels == 16 and np.asarray(gemm.inputs[1].values).shape[1] == channels * 4 * 4
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mobilenet_v2", "densenet", "se_net"])
+def test_cli_threshold_zero_removes_dead_channels(cnn_paths, tmp_path, name: str) -> None:
+    """Zero two channels of a group (filters, folded BN, consumers' input channels) in the file,
+    then `graphprune prune --threshold 0` must drop exactly them and keep outputs identical."""
+    model = graphprune.load_model(cnn_paths[name])
+    consts = model.constants()
+    group = next(g for g in graphprune.inspect(model).prunable
+                 if g.exact and g.units >= 4 and all(m.tensor in consts for m in g.members if m.is_weight))
+    dead, removed = (1, 3), 0
+    for member in group.weights:
+        values = np.asarray(consts[member.tensor].values).copy()
+        index = [slice(None)] * values.ndim
+        index[member.axis] = [member.start + u * member.unit_len + j for u in dead for j in range(member.unit_len)]
+        values[tuple(index)] = 0
+        consts[member.tensor].values = values
+        removed += values.size // values.shape[member.axis] * len(dead) * member.unit_len
+    dense_path, out = graphprune.save_model(model, tmp_path / "dead.onnx"), tmp_path / "out.onnx"
+    assert main(["prune", str(dense_path), "-o", str(out), "--threshold", "0"]) == 0
+    dense, pruned = graphprune.load_model(dense_path), graphprune.load_model(out)
+    assert dense.param_count() - pruned.param_count() == removed
+    feeds = runtime.sample_inputs(dense.to_onnx(), seed=5, dynamic_dim=4)
+    for a, b in zip(runtime.run(pruned.to_onnx(), feeds), runtime.run(dense.to_onnx(), feeds), strict=True):
+        assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(b))))
