@@ -222,16 +222,24 @@ def matmul(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     # (it only visits output axes < rank_y - 2, which map to the inputs' batch axes)
 
 
-def batch_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
-    """Per-channel scale, bias, mean and variance follow axis 1."""
+def channel_params(node: gs.Node, ctx: RuleContext, out: Couplings, params: slice) -> bool:
+    """Shape-preserving op over [N, C, ...] whose `params` inputs are per-channel vectors on axis 1.
+    Returns False (after freezing the node) when the input rank is unknown."""
     x, y = node.inputs[0], node.outputs[0]
     rank = _input_rank(node, ctx, out, minimum=2)
     if rank is None:
-        return
+        return False
     for axis in range(rank):
         out.couple((x.name, axis), (y.name, axis))
-    for param in _present(node.inputs[1:5]):
+    for param in _present(node.inputs[params]):
         out.couple((param.name, 0), (y.name, 1))
+    return True
+
+
+def batch_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Per-channel scale, bias, mean and variance follow axis 1."""
+    if not channel_params(node, ctx, out, slice(1, 5)):
+        return
     for extra in _present(node.outputs[1:]):
         out.freeze_tensor(extra, f"{_where(node)}: training-mode outputs")
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.rules import Couplings, Rule, RuleContext, _input_rank, _present, _where, freeze_node
+from graphprune.rules import (
+    Couplings,
+    Rule,
+    RuleContext,
+    _input_rank,
+    _present,
+    _where,
+    channel_params,
+    freeze_node,
+)
 
 
 def conv(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
@@ -106,30 +115,19 @@ def reduce(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
 
 def instance_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Per-channel statistics over spatial axes: channels are independent, removal is exact."""
-    x, y = node.inputs[0], node.outputs[0]
-    rank = _input_rank(node, ctx, out, minimum=2)
-    if rank is None:
-        return
-    for axis in range(rank):
-        out.couple((x.name, axis), (y.name, axis))
-    for param in _present(node.inputs[1:3]):
-        out.couple((param.name, 0), (y.name, 1))
+    channel_params(node, ctx, out, slice(1, 3))
 
 
 def group_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """GroupNormalization with one channel per group is InstanceNorm; otherwise channels freeze."""
     x, y = node.inputs[0], node.outputs[0]
-    rank = _input_rank(node, ctx, out, minimum=2)
-    if rank is None:
-        return
-    for axis in range(rank):
-        out.couple((x.name, axis), (y.name, axis))
     groups = node.attrs.get("num_groups")
-    params = _present(node.inputs[1:3])
     if groups is not None and groups == ctx.dim(x, 1):
-        for param in params:
-            out.couple((param.name, 0), (y.name, 1))
+        channel_params(node, ctx, out, slice(1, 3))
         return
+    if not channel_params(node, ctx, out, slice(0, 0)):
+        return
+    params = _present(node.inputs[1:3])
     reason = f"{_where(node)}: channels normalized in groups of several"
     out.freeze((y.name, 1), reason)
     for param in params:
