@@ -441,6 +441,8 @@ ELEMENTWISE_OPS = (
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "Clip", "HardSwish", "HardSigmoid",
     "Softplus", "Softsign", "Erf", "Elu", "Selu", "Celu", "Mish", "ThresholdedRelu", "Exp", "Log",
     "Sqrt", "Reciprocal", "Neg", "Abs", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign",
+    # predicates and logic (masks)
+    "IsNaN", "IsInf", "Not", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor",
     # plumbing that keeps shape
     "Identity", "Dropout", "Cast", "CastLike",
     # binary / variadic with broadcasting
