@@ -50,6 +50,10 @@ def export_proto(module: Any, example_inputs: Sequence[Any], input_names: Sequen
 
     module = module.eval()
     args = tuple(example_inputs)
+    if dynamic_batch:
+        # torch.export specializes a size-1 dim: trace a dynamic batch with two samples
+        args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == 1 else a
+                     for a in args)
     dynamic_shapes = tuple({0: "batch"} for _ in args) if dynamic_batch else None
     try:
         with _quiet_exporter(), torch.no_grad():

@@ -55,7 +55,8 @@ class Model:
     def to_onnx(self) -> onnx.ModelProto:
         self.graph.toposort()
         proto = gs.export_onnx(self.graph, do_type_check=False)
-        proto.ir_version = self.ir_version
+        # IR < 4 lists initializers among graph inputs, which onnx-graphsurgeon does not keep
+        proto.ir_version = max(self.ir_version, 4)
         proto.producer_name = self.producer_name
         for key, value in self.metadata.items():
             proto.metadata_props.add(key=key, value=value)
@@ -390,8 +391,8 @@ def dedupe_constants(model: Model) -> int:
         for index, tensor in enumerate(node.inputs):
             if not isinstance(tensor, gs.Constant) or tensor.name in outputs:
                 continue
-            values = np.ascontiguousarray(tensor.values)
-            key = (values.dtype.str, values.shape, hashlib.sha1(values.tobytes()).hexdigest())
+            values = np.asarray(tensor.values)  # a scalar and a [1] tensor are different constants
+            key = (values.dtype.str, values.shape, hashlib.sha1(np.ascontiguousarray(values).tobytes()).hexdigest())
             first = canonical.setdefault(key, tensor)
             if first is not tensor:
                 node.inputs[index] = first

@@ -65,6 +65,8 @@ def kept_count(units: int, ratio: float, round_to: int | None, round_mode: str =
     if round_mode == "down":
         step = effective_round_to(units, round_to)
         keep = math.floor(units * (1 - ratio) + 1e-9)
+        if keep >= units:
+            return units
         return min(units, max(min(step, units), keep - keep % step, 1))
     return round_up(max(1, units - math.floor(units * ratio + 1e-9)), units, round_to)
 

@@ -51,8 +51,16 @@ def _old_dim(tensor: gs.Tensor, axis: int) -> int:
     return shape[axis]
 
 
+def _touched(tensor: gs.Tensor, ctx: RewriteContext) -> bool:
+    """Whether any axis of `tensor` loses units (False for tensors of unknown shape: never pruned)."""
+    shape = shape_of(tensor)
+    return shape is not None and any(ctx.kept_of(tensor, axis) is not None for axis in range(len(shape)))
+
+
 def fix_split(node: gs.Node, ctx: RewriteContext) -> None:
     x = node.inputs[0]
+    if not _touched(x, ctx):
+        return
     axis = node.attrs.get("axis", 0) % len(x.shape)
     if ctx.kept_of(x, axis) is None:
         return
@@ -70,9 +78,10 @@ def fix_split(node: gs.Node, ctx: RewriteContext) -> None:
 
 def fix_slice(node: gs.Node, ctx: RewriteContext) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    rank = len(x.shape)
-    if not any(ctx.kept_of(x, axis) is not None for axis in range(rank)):
+    if not _touched(x, ctx):
         return  # untouched (bounds computed at run time are only allowed there: the rule froze them)
+    rank = len(x.shape)
+    index_type = np.asarray(node.inputs[1].values).dtype  # int32 or int64, shared with axes/steps
     starts = np.array(node.inputs[1].values, dtype=np.int64).copy()
     ends = np.array(node.inputs[2].values, dtype=np.int64).copy()
     has_axes = len(node.inputs) > 3 and node.inputs[3].name
@@ -89,15 +98,15 @@ def fix_slice(node: gs.Node, ctx: RewriteContext) -> None:
         ends[i] = new_start + ctx.size_of(y, axis, _old_dim(y, axis))
         changed = True
     if changed:
-        node.inputs[1] = ctx.constant(f"{node.name}_starts", starts)
-        node.inputs[2] = ctx.constant(f"{node.name}_ends", ends)
+        node.inputs[1] = ctx.constant(f"{node.name}_starts", starts.astype(index_type))
+        node.inputs[2] = ctx.constant(f"{node.name}_ends", ends.astype(index_type))
 
 
 def fix_squeeze(node: gs.Node, ctx: RewriteContext) -> None:
     """A Squeeze without axes drops every size-1 axis: a group pruned to one unit would vanish."""
     x = node.inputs[0]
     has_axes = (len(node.inputs) > 1 and node.inputs[1].name) or "axes" in node.attrs
-    if has_axes or not any(ctx.kept_of(x, axis) is not None for axis in range(len(x.shape))):
+    if has_axes or not _touched(x, ctx):
         return
     axes = [axis for axis, dim in enumerate(x.shape) if dim == 1]  # shapes from before pruning
     if ctx.model.graph.opset < 13:
@@ -120,7 +129,7 @@ def _new_sizes(tensor: gs.Tensor, ctx: RewriteContext) -> list:
 def fix_reshape(node: gs.Node, ctx: RewriteContext) -> None:
     """Recompute every literal size of the target shape; 0 and -1 entries stay as they are."""
     y = node.outputs[0]
-    if not any(ctx.kept_of(y, axis) is not None for axis in range(len(y.shape))):
+    if not _touched(y, ctx):
         return
     target = np.array(node.inputs[1].values, dtype=np.int64).copy()
     sizes = _new_sizes(y, ctx)
@@ -133,8 +142,7 @@ def fix_reshape(node: gs.Node, ctx: RewriteContext) -> None:
 def fix_resize(node: gs.Node, ctx: RewriteContext) -> None:
     """A Resize given output `sizes` gets the new channel count."""
     y = node.outputs[0]
-    if len(node.inputs) > 3 and node.inputs[3].name and any(
-            ctx.kept_of(y, axis) is not None for axis in range(len(y.shape))):
+    if len(node.inputs) > 3 and node.inputs[3].name and _touched(y, ctx):
         node.inputs[3] = ctx.constant(f"{node.name}_sizes", np.array(_new_sizes(y, ctx), dtype=np.int64))
 
 

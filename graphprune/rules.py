@@ -240,8 +240,8 @@ def batch_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     """Per-channel scale, bias, mean and variance follow axis 1."""
     if not channel_params(node, ctx, out, slice(1, 5)):
         return
-    for extra in _present(node.outputs[1:]):
-        out.freeze_tensor(extra, f"{_where(node)}: training-mode outputs")
+    for extra in _present(node.outputs[1:]):  # training mode: running mean and variance
+        out.couple((extra.name, 0), (node.outputs[0].name, 1))
 
 
 def layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:

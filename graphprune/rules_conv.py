@@ -9,6 +9,7 @@ from graphprune.rules import (
     Couplings,
     Rule,
     RuleContext,
+    _contraction,
     _input_rank,
     _present,
     _where,
@@ -33,6 +34,7 @@ def conv(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     bias = _present(node.inputs[2:3])
     if group == 1:
         out.couple((x.name, 1), (w.name, 1))
+        _contraction(node, out, x, w, (x.name, 1))
         out.couple((w.name, 0), (y.name, 1))
         if isinstance(w, gs.Constant):
             out.produced.setdefault((w.name, 0), "channel")
@@ -66,6 +68,7 @@ def conv_transpose(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         freeze_node(node, ctx, out, f"{_where(node)}: grouped transposed convolution")
         return
     out.couple((x.name, 1), (w.name, 0))
+    _contraction(node, out, x, w, (x.name, 1))
     out.couple((w.name, 1), (y.name, 1))
     if isinstance(w, gs.Constant):
         out.produced.setdefault((w.name, 1), "channel")
@@ -79,8 +82,13 @@ def pool(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     if _input_rank(node, ctx, out, minimum=2) is None:
         return
     out.couple((x.name, 0), (y.name, 0))
-    out.couple((x.name, 1), (y.name, 1))
-    for extra in _present(node.outputs[1:]):
+    indices = _present(node.outputs[1:])
+    if indices:  # the index values encode the channel: removing one would renumber the rest
+        out.freeze((x.name, 1), f"{_where(node)}: pooling indices count channels")
+        out.freeze((y.name, 1), f"{_where(node)}: pooling indices count channels")
+    else:
+        out.couple((x.name, 1), (y.name, 1))
+    for extra in indices:
         out.freeze_tensor(extra, f"{_where(node)}: pooling indices")
 
 
@@ -174,9 +182,14 @@ def resize(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     if node.attrs.get("axes") is not None:
         freeze_node(node, ctx, out, f"{_where(node)}: resizes a subset of axes (the `axes` attribute)")
         return
+    scales = ctx.constant(node.inputs[2]) if 2 in given else None
+    sizes = ctx.constant(node.inputs[3]) if 3 in given else None
     for axis in range(rank):
         dim = ctx.dim(x, axis)
-        if isinstance(dim, int) and dim == ctx.dim(y, axis) or axis == 0:
+        # an axis maps through only when Resize leaves it alone (scale 1, or its own size)
+        unchanged = (scales is not None and scales.size == rank and float(scales.reshape(-1)[axis]) == 1.0) or (
+            sizes is not None and sizes.size == rank and isinstance(dim, int) and int(sizes.reshape(-1)[axis]) == dim)
+        if unchanged:
             out.couple((x.name, axis), (y.name, axis))
         else:
             out.freeze((x.name, axis), f"{_where(node)} resizes this axis")
