@@ -300,39 +300,34 @@ def _same_except(out: Couplings, a: gs.Tensor, b: gs.Tensor, rank: int, axis: in
             out.couple((a.name, other), (b.name, other))
 
 
+def _lay_end_to_end(node: gs.Node, ctx: RuleContext, out: Couplings, parts: list[gs.Tensor], whole: gs.Tensor,
+                    rank: int, axis: int) -> None:
+    """`parts` lie one after another along `axis` of `whole` (Concat inputs, Split outputs)."""
+    start = 0
+    for part in parts:
+        size = ctx.dim(part, axis)
+        if not isinstance(size, int):
+            freeze_node(node, ctx, out, f"{_where(node)}: '{part.name}' has unknown size on axis {axis}")
+            return
+        out.offset((part.name, axis), (whole.name, axis), start)
+        _same_except(out, part, whole, rank, axis)
+        start += size
+
+
 def concat(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     y = node.outputs[0]
     rank = ctx.rank(y)
     if rank is None:
         freeze_node(node, ctx, out, f"{_where(node)}: unknown output rank")
         return
-    axis = node.attrs["axis"] % rank
-    start = 0
-    for x in _present(node.inputs):
-        size = ctx.dim(x, axis)
-        if not isinstance(size, int):
-            freeze_node(node, ctx, out, f"{_where(node)}: input '{x.name}' has unknown size on axis {axis}")
-            return
-        out.offset((x.name, axis), (y.name, axis), start)
-        _same_except(out, x, y, rank, axis)
-        start += size
+    _lay_end_to_end(node, ctx, out, _present(node.inputs), y, rank, node.attrs["axis"] % rank)
 
 
 def split(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
-    x = node.inputs[0]
     rank = _input_rank(node, ctx, out)
     if rank is None:
         return
-    axis = node.attrs.get("axis", 0) % rank
-    start = 0
-    for y in node.outputs:
-        size = ctx.dim(y, axis)
-        if not isinstance(size, int):
-            freeze_node(node, ctx, out, f"{_where(node)}: output '{y.name}' has unknown size")
-            return
-        out.offset((y.name, axis), (x.name, axis), start)
-        _same_except(out, y, x, rank, axis)
-        start += size
+    _lay_end_to_end(node, ctx, out, list(node.outputs), node.inputs[0], rank, node.attrs.get("axis", 0) % rank)
 
 
 def slice_start(start: int, size: int) -> int:
