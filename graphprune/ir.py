@@ -121,15 +121,18 @@ class Model:
                 tensor.shape = None
         for _ in range(8):
             self._infer_once(graph_io)
-            if not self._carry_preserved_shapes():
+            carried = self._carry_preserved_shapes()
+            if not self._resolve_computed_shapes() and not carried:
                 break
 
     def _infer_once(self, graph_io: set[str]) -> None:
         skeleton = weightless_copy(self.to_onnx())
-        try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-        except Exception as exc:  # onnx raises several unrelated types here
-            raise InvalidGraphError(f"shape inference failed: {first_line(exc)}") from exc
+        inferred = _symbolic_inference(skeleton)
+        if inferred is None:
+            try:
+                inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+            except Exception as exc:  # onnx raises several unrelated types here
+                raise InvalidGraphError(f"shape inference failed: {first_line(exc)}") from exc
         tensors = self.graph.tensors()
         infos = list(inferred.graph.value_info) + list(inferred.graph.output)
         for info in infos:
@@ -143,6 +146,28 @@ class Model:
             if ttype.elem_type:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
 
+    def _resolve_computed_shapes(self) -> bool:
+        """Reshape/Expand outputs whose target is computed at run time (Shape -> Concat chains):
+        ONNX leaves them unknown; `shapes.resolve_*` solves them from the chain."""
+        from graphprune.shapes import is_unknown, resolve_expand, resolve_reshape, shape_value
+
+        tensors = self.graph.tensors()
+        changed = False
+        for node in self.graph.nodes:
+            if node.op not in ("Reshape", "Expand") or len(node.inputs) < 2 or not is_unknown(node.outputs[0].shape):
+                continue
+            entries = shape_value(node.inputs[1])
+            if entries is None:
+                continue
+            x = node.inputs[0]
+            shape = (resolve_reshape(x.shape, entries, tensors, node.attrs.get("allowzero", 0))
+                     if node.op == "Reshape" else resolve_expand(x.shape, entries, tensors))
+            y = node.outputs[0]
+            if shape is not None and None not in shape and shape != y.shape:
+                y.shape, y.dtype = shape, x.dtype
+                changed = True
+        return changed
+
     def _carry_preserved_shapes(self) -> bool:
         carried = False
         for node in self.graph.nodes:
@@ -153,6 +178,23 @@ class Model:
                 y.shape, y.dtype = list(x.shape), x.dtype
                 carried = True
         return carried
+
+
+def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's symbolic shape inference: it follows Shape -> Gather -> Concat chains and
+    keeps dims symbolic (`batch*seq`) where ONNX's own inference gives up. None when it cannot
+    handle the graph (unknown ops, custom domains): ONNX's inference is the fallback."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+    except Exception:  # it raises bare Exceptions and assertion errors on graphs it does not know
+        return None
+    finally:
+        quiet.setLevel(level)
 
 
 #: ops whose first output has the first input's shape and type (fallback when ONNX cannot infer)

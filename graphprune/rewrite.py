@@ -21,6 +21,7 @@ from graphprune.ir import Model, shape_of
 from graphprune.plan import Plan
 from graphprune.rules import Slot, slice_start
 from graphprune.rules_conv import group_slot
+from graphprune.shapes import Lit, shape_value
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,15 @@ class RewriteContext:
         kept = self.kept_of(tensor, axis)
         return old if kept is None else len(kept)
 
-    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        name, suffix = f"{base}_pruned", 1
+    def unique(self, name: str) -> str:
+        base, suffix = name, 1
         while name in self.names:
-            name, suffix = f"{base}_pruned_{suffix}", suffix + 1
+            name, suffix = f"{base}_{suffix}", suffix + 1
         self.names.add(name)
-        return gs.Constant(name, values)
+        return name
+
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.unique(f"{base}_pruned"), values)
 
 
 def _old_dim(tensor: gs.Tensor, axis: int) -> int:
@@ -78,8 +82,8 @@ def fix_split(node: gs.Node, ctx: RewriteContext) -> None:
 
 def fix_slice(node: gs.Node, ctx: RewriteContext) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    if not _touched(x, ctx):
-        return  # untouched (bounds computed at run time are only allowed there: the rule froze them)
+    if not _touched(x, ctx) or not all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name):
+        return  # a pruned sliced axis has constant bounds (the rule froze any other)
     rank = len(x.shape)
     index_type = np.asarray(node.inputs[1].values).dtype  # int32 or int64, shared with axes/steps
     starts = np.array(node.inputs[1].values, dtype=np.int64).copy()
@@ -126,17 +130,47 @@ def _new_sizes(tensor: gs.Tensor, ctx: RewriteContext) -> list:
     return [ctx.size_of(tensor, axis, dim) for axis, dim in enumerate(tensor.shape)]
 
 
-def fix_reshape(node: gs.Node, ctx: RewriteContext) -> None:
-    """Recompute every literal size of the target shape; 0 and -1 entries stay as they are."""
-    y = node.outputs[0]
-    if not _touched(y, ctx):
+def _set_literals(node: gs.Node, index: int, edits: list[tuple[Lit, int]], ctx: RewriteContext) -> None:
+    """Give each literal read through `node.inputs[index]` its new value, on a copy of the constant
+    and of every node on the way to it: shape chains are often shared with other layers."""
+    tensor = node.inputs[index]
+    if isinstance(tensor, gs.Constant):
+        values = np.array(tensor.values).copy()
+        flat = values.reshape(-1)
+        for lit, value in edits:
+            flat[lit.index] = value
+        node.inputs[index] = ctx.constant(f"{node.name or tensor.name}_shape", values)
         return
-    target = np.array(node.inputs[1].values, dtype=np.int64).copy()
-    sizes = _new_sizes(y, ctx)
-    for axis, entry in enumerate(target):
-        if entry > 0 and ctx.kept_of(y, axis) is not None:
-            target[axis] = sizes[axis]
-    node.inputs[1] = ctx.constant(f"{node.name}_shape", target)
+    producer = edits[0][0].path[0][0]
+    out = producer.outputs[0]
+    clone = gs.Node(producer.op, ctx.unique(f"{producer.name}_pruned"), dict(producer.attrs), list(producer.inputs),
+                    [gs.Variable(ctx.unique(f"{out.name}_pruned"), out.dtype, out.shape)])
+    ctx.model.graph.nodes.append(clone)
+    by_input: dict[int, list[tuple[Lit, int]]] = defaultdict(list)
+    for lit, value in edits:
+        by_input[lit.path[0][1]].append((Lit(lit.value, lit.path[1:], lit.index), value))
+    for input_index, sub in by_input.items():
+        _set_literals(clone, input_index, sub, ctx)
+    node.inputs[index] = clone.outputs[0]
+
+
+def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
+    """Reshape/Expand: every literal size of a pruned axis becomes the new size, whether the target
+    is a constant or computed by a Shape -> Concat chain. -1, 0 (and Expand's 1) keep meaning
+    "whatever the input has"; sizes read at run time follow by themselves."""
+    y = node.outputs[0]
+    if len(node.inputs) < 2 or not _touched(y, ctx):
+        return
+    entries = shape_value(node.inputs[1])
+    lead = len(y.shape) - len(entries)
+    smallest = 1 if node.op == "Expand" else 0
+    edits = []
+    for position, entry in enumerate(entries):
+        kept = ctx.kept_of(y, position + lead)
+        if kept is not None and isinstance(entry, Lit) and entry.value > smallest:
+            edits.append((entry, len(kept)))
+    if edits:
+        _set_literals(node, 1, edits, ctx)
 
 
 def fix_resize(node: gs.Node, ctx: RewriteContext) -> None:
@@ -160,7 +194,8 @@ FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Slice": fix_slice,
     "Squeeze": fix_squeeze,
     "Conv": fix_conv,
-    "Reshape": fix_reshape,
+    "Reshape": fix_target,
+    "Expand": fix_target,
     "Resize": fix_resize,
     "GroupNormalization": fix_group_norm,
 }
@@ -183,7 +218,7 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
     """Remove the plan's units from `model` in place; returns counts for the report."""
     kept = kept_indices(deps, plan)
     tensors = model.tensors()
-    ctx = RewriteContext(model, kept, set(tensors))
+    ctx = RewriteContext(model, kept, set(tensors) | {n.name for n in model.graph.nodes})
     params_before = model.param_count()
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (name, axis), indices in kept.items():
@@ -197,10 +232,11 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
                 values = np.take(values, indices, axis=axis)
             tensor.values = np.ascontiguousarray(values)
             sliced += 1
-    for node in model.graph.nodes:
+    for node in list(model.graph.nodes):
         fixup = FIXUPS.get(node.op)
         if fixup is not None:
             fixup(node, ctx)
+    model.graph.toposort()  # copied shape chains were appended at the end
     model.infer_shapes()
     stats = {
         "groups_pruned": len(plan.kept),

@@ -303,14 +303,20 @@ def _same_except(out: Couplings, a: gs.Tensor, b: gs.Tensor, rank: int, axis: in
 def _lay_end_to_end(node: gs.Node, ctx: RuleContext, out: Couplings, parts: list[gs.Tensor], whole: gs.Tensor,
                     rank: int, axis: int) -> None:
     """`parts` lie one after another along `axis` of `whole` (Concat inputs, Split outputs)."""
+    for part in parts:
+        _same_except(out, part, whole, rank, axis)
+    if len(parts) == 1:
+        out.couple((parts[0].name, axis), (whole.name, axis))
+        return
     start = 0
     for part in parts:
         size = ctx.dim(part, axis)
         if not isinstance(size, int):
-            freeze_node(node, ctx, out, f"{_where(node)}: '{part.name}' has unknown size on axis {axis}")
+            reason = f"{_where(node)}: '{part.name}' has unknown size on axis {axis}"
+            for tensor in parts + [whole]:
+                out.freeze((tensor.name, axis), reason)
             return
         out.offset((part.name, axis), (whole.name, axis), start)
-        _same_except(out, part, whole, rank, axis)
         start += size
 
 
@@ -336,26 +342,33 @@ def slice_start(start: int, size: int) -> int:
 
 
 def slice_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Unsliced axes couple; a sliced axis with constant bounds and step 1 is an offset into the
+    input; any other sliced axis (run-time bounds, strides) is frozen."""
     x, y = node.inputs[0], node.outputs[0]
     rank = ctx.rank(x)
     operands = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
     given = [t is not None and bool(t.name) for t in operands]
     bounds = [ctx.constant(t) if present else None for t, present in zip(operands, given, strict=True)]
-    if rank is None or any(present and value is None for present, value in zip(given, bounds, strict=True)) \
-            or bounds[0] is None or bounds[1] is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: starts/ends/axes/steps are not constants")
+    axes_value = bounds[2] if given[2] else None
+    if rank is None or (given[2] and axes_value is None) or not (given[0] and given[1]):
+        freeze_node(node, ctx, out, f"{_where(node)}: slice axes are not constants")
         return
-    starts, _, axes, steps = bounds
-    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
-    steps = [1] * len(axes) if steps is None else [int(s) for s in steps]
+    count = ctx.dim(node.inputs[1], 0) if bounds[0] is None else len(bounds[0])
+    if axes_value is None and not isinstance(count, int):
+        freeze_node(node, ctx, out, f"{_where(node)}: cannot tell which axes are sliced")
+        return
+    axes = list(range(count)) if axes_value is None else [int(a) % rank for a in axes_value]
+    constant = all(b is not None for b, present in zip(bounds, given, strict=True) if present)
+    starts = bounds[0]
+    steps = [1] * len(axes) if bounds[3] is None else [int(s) for s in bounds[3]]
     for axis in range(rank):
         if axis not in axes:
             out.couple((x.name, axis), (y.name, axis))
             continue
         i = axes.index(axis)
         size = ctx.dim(x, axis)
-        if steps[i] != 1 or not isinstance(size, int) or not isinstance(ctx.dim(y, axis), int):
-            reason = f"{_where(node)}: strided or unknown-size slice on axis {axis}"
+        if not constant or steps[i] != 1 or not isinstance(size, int) or not isinstance(ctx.dim(y, axis), int):
+            reason = f"{_where(node)}: strided, run-time or unknown-size slice on axis {axis}"
             out.freeze((x.name, axis), reason)
             out.freeze((y.name, axis), reason)
             continue
@@ -409,6 +422,23 @@ def squeeze(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         out.couple((x.name, in_axis), (y.name, out_axis))
 
 
+def gather(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Y = data indexed along `axis` by `indices`: data's other axes and the indices' axes carry
+    over to Y (an embedding's feature axis is the hidden size); the indexed axis is frozen."""
+    data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    rank_d, rank_i = ctx.rank(data), ctx.rank(indices)
+    if rank_d is None or rank_i is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown ranks")
+        return
+    axis = node.attrs.get("axis", 0) % rank_d
+    for a in range(axis):
+        out.couple((data.name, a), (y.name, a))
+    for a in range(rank_i):
+        out.couple((indices.name, a), (y.name, axis + a))
+    for a in range(axis + 1, rank_d):
+        out.couple((data.name, a), (y.name, a - 1 + rank_i))
+
+
 #: op type -> inputs whose values are not magnitudes of a unit's contribution: a zero divisor
 #: makes a unit infinite, not dead; BatchNorm statistics shift and scale, they do not weigh.
 #: Importance ignores them and unstructured pruning never zeroes them.
@@ -452,6 +482,7 @@ RULES: dict[str, Rule] = {
     "BatchNormalization": batch_norm,
     "LayerNormalization": layer_norm,
     "Softmax": softmax,
+    "Gather": gather,
     "LogSoftmax": softmax,
     "Concat": concat,
     "Split": split,

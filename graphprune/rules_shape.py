@@ -1,20 +1,21 @@
-"""Dependency rules that regroup axes: Flatten and Reshape.
+"""Dependency rules that regroup axes: Flatten, Reshape and Expand.
 
 Axes are matched as products of factors. A run of input axes merged into one output axis makes
 its first non-1 axis a *coarse* slot whose unit is `block` consecutive output elements (a
 channel flattened with its H*W positions); one input axis split into several makes the first
 non-1 output axis the coarse one. The other axes of a merge or split are frozen: removing part of
-them would not leave whole units. Reshape literal sizes are recomputed by the rewrite.
+them would not leave whole units. Literal sizes of Reshape/Expand targets, constant or computed
+by Shape -> Concat chains (`graphprune.shapes`), are recomputed by the rewrite.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.rules import Couplings, Dim, Rule, RuleContext, _where, freeze_node
+from graphprune.shapes import DimOf, Entry, Lit, Opaque, Product, Scaled, shape_value, sources
 
 
 def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_axes: list[int],
@@ -44,46 +45,37 @@ def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_a
 
 
 def match_axes(in_shape: list[Dim], out_shape: list[Dim]) -> list[tuple[list[int], list[int]]] | None:
-    """Runs of axes with equal products, left to right; symbolic dims must stand alone on both sides.
+    """Runs of axes with equal products, left to right. Dims may be symbolic (`batch`, `unk__3*4`):
+    a run grows on the side whose product divides the other's until both agree.
 
-    Returns None when the shapes cannot be matched (e.g. a symbolic dim merged with others).
+    Returns None when the shapes cannot be matched (an unknown dim, or products that never agree).
     """
+    ins = [Product.of(d) for d in in_shape]
+    outs = [Product.of(d) for d in out_shape]
+    if any(p is None for p in ins + outs):
+        return None
     runs, i, j = [], 0, 0
-    while i < len(in_shape) or j < len(out_shape):
-        if i == len(in_shape) or j == len(out_shape):
-            rest_in, rest_out = list(range(i, len(in_shape))), list(range(j, len(out_shape)))
-            if all(in_shape[a] == 1 for a in rest_in) and all(out_shape[a] == 1 for a in rest_out):
+    while i < len(ins) or j < len(outs):
+        if i == len(ins) or j == len(outs):
+            rest_in, rest_out = list(range(i, len(ins))), list(range(j, len(outs)))
+            if all(ins[a].dim == 1 for a in rest_in) and all(outs[a].dim == 1 for a in rest_out):
                 runs.append((rest_in, rest_out))
                 return runs
             return None
-        a, b = in_shape[i], out_shape[j]
-        if not isinstance(a, int) or not isinstance(b, int):
-            if isinstance(a, int) and a == 1:
-                runs.append(([i], []))
-                i += 1
-            elif isinstance(b, int) and b == 1:
-                runs.append(([], [j]))
-                j += 1
-            elif not isinstance(a, int) and not isinstance(b, int):
-                runs.append(([i], [j]))  # one symbolic dim for one: the same elements
-                i, j = i + 1, j + 1
-            else:
-                return None
-            continue
-        ins, outs, product_in, product_out = [i], [j], a, b
+        run_in, run_out, product_in, product_out = [i], [j], ins[i], outs[j]
         i, j = i + 1, j + 1
         while product_in != product_out:
-            if product_in < product_out and i < len(in_shape) and isinstance(in_shape[i], int):
-                product_in *= in_shape[i]
-                ins.append(i)
+            if product_out.divide(product_in) is not None and i < len(ins):
+                product_in = product_in * ins[i]
+                run_in.append(i)
                 i += 1
-            elif product_out < product_in and j < len(out_shape) and isinstance(out_shape[j], int):
-                product_out *= out_shape[j]
-                outs.append(j)
+            elif product_in.divide(product_out) is not None and j < len(outs):
+                product_out = product_out * outs[j]
+                run_out.append(j)
                 j += 1
             else:
                 return None
-        runs.append((ins, outs))
+        runs.append((run_in, run_out))
     return runs
 
 
@@ -102,22 +94,113 @@ def flatten(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     _regroup(node, ctx, out, ctx.shape(node.outputs[0]))
 
 
-def reshape(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
-    """The target shape must be a constant (its literal sizes are rewritten after pruning)."""
-    target = ctx.constant(node.inputs[1]) if len(node.inputs) > 1 else None
-    if target is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: target shape computed at run time")
+def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tensor) -> list[Entry] | None:
+    """The target's entries. A size that follows another tensor at run time keeps that tensor's axis
+    coupled with this output axis; a size computed by arithmetic, or a literal the rewrite cannot
+    reach, freezes its axis (and the sizes it was computed from)."""
+    entries = shape_value(node.inputs[1])
+    if entries is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: cannot read the target shape")
+        return None
+    lead = (ctx.rank(y) or len(entries)) - len(entries)
+    for position, entry in enumerate(entries):
+        slot = (y.name, position + lead)
+        if isinstance(entry, DimOf):
+            out.couple((entry.tensor, entry.axis), slot)
+        elif isinstance(entry, Scaled):
+            out.block((entry.dim.tensor, entry.dim.axis), slot, entry.factor)
+        elif isinstance(entry, Opaque):
+            reason = f"{_where(node)}: size computed at run time"
+            out.freeze(slot, reason)
+            for source in entry.sources:
+                out.freeze((source.tensor, source.axis), reason)
+        elif entry.path is None and entry.value not in (-1, 0, 1):
+            out.freeze(slot, f"{_where(node)}: literal size the rewrite cannot reach")
+    return entries
+
+
+def _shape_uses(tensor: gs.Tensor):
+    """(consumer, tensor read) for every use of a shape tensor outside shape arithmetic; chains of
+    Gather/Concat/Unsqueeze/arithmetic are followed. A Reshape/Expand target is such a use."""
+    seen, stack = set(), [tensor]
+    while stack:
+        current = stack.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        for consumer in current.outputs:
+            first = bool(consumer.inputs) and consumer.inputs[0] is current
+            if consumer.op in SHAPE_COMBINE or (consumer.op in SHAPE_SELECT and first):
+                stack.extend(consumer.outputs)
+            elif consumer.op != "Shape":  # the length of a shape vector says nothing about sizes
+                yield consumer, current
+
+
+#: ops that compute shape vectors from any of their inputs, and ones that do from their first only
+SHAPE_COMBINE = frozenset({"Concat", "Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Where"})
+SHAPE_SELECT = frozenset({"Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"})
+
+
+def shape_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Reading a size constrains nothing by itself. Where the size goes decides: a Reshape/Expand
+    target couples or freezes it (see `_target_entries`); any other use (Range, ConstantOfShape,
+    a graph output...) turns it into data, so that axis is frozen."""
+    x = node.inputs[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
         return
-    out_shape = ctx.shape(node.outputs[0])
+    start, end = (max(0, min(rank, v + rank if v < 0 else v))
+                  for v in (node.attrs.get("start", 0), node.attrs.get("end", rank)))
+    read = range(start, end)
+    out.touched.update((x.name, axis) for axis in read)
+    for consumer, tensor in _shape_uses(node.outputs[0]):
+        if consumer.op in ("Reshape", "Expand") and len(consumer.inputs) > 1 and consumer.inputs[1] is tensor:
+            continue
+        values = shape_value(tensor)
+        used = read if values is None else sorted({d.axis for e in values for d in sources(e) if d.tensor == x.name})
+        for axis in used:
+            out.freeze((x.name, axis), f"the size of axis {axis} is used as data by {_where(consumer)}")
+
+
+def reshape(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Literal sizes of the target (constant or built by a Shape -> Concat chain) are rewritten after
+    pruning; sizes read from other tensors at run time follow them."""
+    x, y = node.inputs[0], node.outputs[0]
+    entries = _target_entries(node, ctx, out, y)
+    if entries is None:
+        return
+    out_shape = ctx.shape(y)
     if out_shape is not None and node.attrs.get("allowzero", 0) == 0:
         # a 0 entry copies the input's dim at that position: the same elements, whatever the name
-        in_shape = ctx.shape(node.inputs[0]) or []
-        out_shape = [in_shape[i] if int(t) == 0 and i < len(in_shape) else d
-                     for i, (t, d) in enumerate(zip(np.asarray(target).reshape(-1), out_shape, strict=False))]
+        in_shape = ctx.shape(x) or []
+        out_shape = [in_shape[i] if isinstance(e, Lit) and e.value == 0 and i < len(in_shape) else d
+                     for i, (e, d) in enumerate(zip(entries, out_shape, strict=False))]
     _regroup(node, ctx, out, out_shape)
+
+
+def expand(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """Broadcast to a target shape: kept axes couple, axes grown from 1 are new (and frozen)."""
+    x, y = node.inputs[0], node.outputs[0]
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if in_shape is None or out_shape is None:
+        freeze_node(node, ctx, out, f"{_where(node)}: unknown shapes")
+        return
+    if _target_entries(node, ctx, out, y) is None:
+        return
+    lead = len(out_shape) - len(in_shape)
+    for axis, dim in enumerate(in_shape):
+        if dim == out_shape[axis + lead] and dim is not None:
+            out.couple((x.name, axis), (y.name, axis + lead))
+        elif dim != 1:
+            reason = f"{_where(node)}: cannot tell how axis {axis} of '{x.name}' expands"
+            out.freeze((x.name, axis), reason)
+            out.freeze((y.name, axis + lead), reason)
 
 
 SHAPE_RULES: dict[str, Rule] = {
     "Flatten": flatten,
     "Reshape": reshape,
+    "Expand": expand,
+    "Shape": shape_rule,
 }
