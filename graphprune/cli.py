@@ -77,8 +77,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "(module, example_inputs)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--dynamic-batch", action="store_true", help="make axis 0 of every input dynamic")
+    p.add_argument("--dynamic-axes", help="comma-separated axes made dynamic in every input, e.g. 0,1 "
+                                          "for batch and sequence")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.export based (default) or the TorchScript tracer")
     p.add_argument("--input-names", help="comma-separated input names")
-    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--opset", type=int, default=None, help="default 20 (dynamo), 17 (torchscript)")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -211,12 +215,23 @@ def _node_costs(model) -> list[dict]:
     return rows
 
 
+def _axes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(a) for a in text.split(",")]
+    except ValueError:
+        raise OptionError(f"--dynamic-axes wants comma-separated integers, got '{text}'") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from graphprune.frontend import export_factory
 
     names = args.input_names.split(",") if args.input_names else None
     with console.status(f"exporting {args.factory}"):
-        model = export_factory(args.factory, input_names=names, dynamic_batch=args.dynamic_batch, opset=args.opset)
+        axes = _axes(args.dynamic_axes)
+        model = export_factory(args.factory, input_names=names, dynamic_batch=args.dynamic_batch, opset=args.opset,
+                               dynamic_axes=axes, exporter=args.exporter)
     save_model(model, args.output)
     console.print(f"wrote {args.output} ({model.param_count():,} parameters, "
                   f"inputs: {', '.join(t.name for t in model.graph.inputs)})")

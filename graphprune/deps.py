@@ -276,7 +276,8 @@ def analyze(model: Model) -> Dependencies:
         units = lengths.pop() if len(lengths) == 1 else None
         if len(lengths) > 0:
             reasons.append("members disagree on the number of units")
-        groups.append(Group(group_id, kinds[0] if kinds else "units", units, tuple(members),
+        kind = "head" if "head" in kinds else kinds[0] if kinds else "units"
+        groups.append(Group(group_id, kind, units, tuple(members),
                             tuple(reasons[:MAX_REASONS]), exact=not inexact))
     frozen_count = sum(1 for g in groups if g.weights and g.frozen)
     logger.debug("dependency analysis: %d groups, %d with weights, %d of those frozen",

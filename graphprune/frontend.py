@@ -19,6 +19,7 @@ from graphprune.ir import Model, check_graph, first_line
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 20
+TORCHSCRIPT_OPSET = 17
 
 
 class ExportError(GraphpruneError):
@@ -42,36 +43,63 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+EXPORTERS = ("dynamo", "torchscript")
+
+
 def export_proto(module: Any, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None,
                  output_names: Sequence[str] | None = None, dynamic_batch: bool = False,
-                 opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """`torch.onnx.export(..., dynamo=True)` of `module` in eval mode; returns the ONNX proto."""
+                 opset: int | None = None, dynamic_axes: Sequence[int] | None = None,
+                 exporter: str = "dynamo") -> onnx.ModelProto:
+    """`torch.onnx.export` of `module` in eval mode; returns the ONNX proto.
+
+    `dynamic_axes` (e.g. `(0, 1)` for batch and sequence) makes those axes of every input of at
+    least that rank dynamic; `dynamic_batch` is `dynamic_axes=(0,)`. `exporter` is "dynamo"
+    (torch.export, opset 20 by default) or "torchscript" (the legacy tracer, opset 17 by default).
+    """
     import torch
 
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter '{exporter}' (choose from {', '.join(EXPORTERS)})")
     module = module.eval()
     args = tuple(example_inputs)
-    if dynamic_batch:
+    axes = tuple(dynamic_axes or ()) or ((0,) if dynamic_batch else ())
+    if 0 in axes:
         # torch.export specializes a size-1 dim: trace a dynamic batch with two samples
         args = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == 1 else a
                      for a in args)
-    dynamic_shapes = tuple({0: "batch"} for _ in args) if dynamic_batch else None
+    names = list(input_names or []) or [f"input_{i}" for i in range(len(args))]
+    axis_names = {0: "batch", 1: "seq"}
+    per_input = [{axis: axis_names.get(axis, f"dim{axis}") for axis in axes
+                  if isinstance(a, torch.Tensor) and axis < a.ndim} for a in args]
     try:
         with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names or []) or None,
-                                        output_names=list(output_names or []) or None,
-                                        dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
+            if exporter == "dynamo":
+                program = torch.onnx.export(module, args, dynamo=True, input_names=names,
+                                            output_names=list(output_names or []) or None,
+                                            dynamic_shapes=tuple(per_input) if axes else None,
+                                            opset_version=opset or DEFAULT_OPSET, verbose=False)
+                proto = program.model_proto
+            else:
+                buffer = io.BytesIO()
+                torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
+                                  output_names=list(output_names or []) or None,
+                                  dynamic_axes={n: d for n, d in zip(names, per_input, strict=False) if d} or None,
+                                  opset_version=opset or TORCHSCRIPT_OPSET)
+                proto = onnx.load_from_string(buffer.getvalue())
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {first_line(exc)}") from exc
-    proto = program.model_proto
+        raise ExportError(f"torch.onnx.export ({exporter}) failed for {type(module).__name__}: "
+                          f"{first_line(exc)}") from exc
     check_graph(proto, where=f"export of {type(module).__name__}")
     return proto
 
 
 def from_torch(module: Any, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None,
                output_names: Sequence[str] | None = None, dynamic_batch: bool = False,
-               opset: int = DEFAULT_OPSET) -> Model:
+               opset: int | None = None, dynamic_axes: Sequence[int] | None = None,
+               exporter: str = "dynamo") -> Model:
     """Export a torch module to the graphprune IR, keeping the given input names."""
-    return Model.from_onnx(export_proto(module, example_inputs, input_names, output_names, dynamic_batch, opset))
+    return Model.from_onnx(export_proto(module, example_inputs, input_names, output_names, dynamic_batch, opset,
+                                        dynamic_axes, exporter))
 
 
 def load_factory(spec: str) -> Callable[[], Any]:

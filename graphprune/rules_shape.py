@@ -35,6 +35,8 @@ def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_a
             out.freeze((x.name, axis), reason)
     elif len(ins) == 1 and all(isinstance(out_shape[a], int) for a in outs[1:]):
         out.block((y.name, outs[0]), (x.name, ins[0]), math.prod(out_shape[a] for a in outs[1:]))
+        if outs[-1] == len(out_shape) - 1 and ins[0] == len(in_shape) - 1:
+            out.produced[(y.name, outs[0])] = "head"  # [.., H*D] -> [.., H, D]: units of D features
         for axis in outs[1:]:
             out.freeze((y.name, axis), reason)
     else:

@@ -17,6 +17,7 @@ class _Wrapped(nn.Module):
     """`forward(*inputs) -> tensor` around a transformers model (eager attention, no cache)."""
 
     input_names: tuple[str, ...] = ("input_ids",)
+    dynamic_axes = (0, 1)  # batch and sequence
 
     def __init__(self, model: nn.Module, vocab: int, seq: int = 8) -> None:
         super().__init__()
@@ -46,6 +47,7 @@ class _WithMask(_Wrapped):
 
 class _Vision(nn.Module):
     input_names = ("pixel_values",)
+    dynamic_axes = (0,)
 
     def __init__(self, model: nn.Module, size: int) -> None:
         super().__init__()
@@ -81,6 +83,7 @@ def gpt2() -> nn.Module:
 
     _seed()
     config = GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4, n_inner=128,
+                        bos_token_id=0, eos_token_id=0,
                         attn_implementation="eager")
     return _WithMask(GPT2Model(config), config.vocab_size)
 

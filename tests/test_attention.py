@@ -1,0 +1,68 @@
+"""Attention models: heads (GQA: whole KV groups) and FFN neurons of BERT, GPT-2, LLaMA, Qwen2 and
+ViT prune into verified models for both exporters, static and dynamic, and dead heads and neurons
+are removed exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import graphprune
+from graphprune import api, runtime
+from graphprune.cli import main
+from graphprune.models.attention import ATTENTION_BUILDERS
+from graphprune.testing import check_dead_unit_removal
+
+NAMES = sorted(ATTENTION_BUILDERS)
+#: (exporter, dynamic axes?) — dynamo with static shapes, dynamo and TorchScript with dynamic ones
+VARIANTS = {"dynamo-static": ("dynamo", False), "dynamo-dynamic": ("dynamo", True),
+            "torchscript-dynamic": ("torchscript", True)}
+#: units of the prunable groups: heads (KV groups for LLaMA/Qwen2: 2 KV heads of 2 query heads
+#: each) and FFN neurons, one of each per layer; the hidden size is a graph output here
+EXPECTED_UNITS = {"bert": [4, 4, 128, 128], "gpt2": [4, 4, 128, 128], "llama": [2, 2, 128, 128],
+                  "qwen2": [2, 2, 128, 128], "vit": [4, 4, 128, 128]}
+
+
+@pytest.fixture(scope="session")
+def attention_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    folder = tmp_path_factory.mktemp("attention")
+    paths = {}
+    for name in NAMES:
+        for variant, (exporter, dynamic) in VARIANTS.items():
+            net = ATTENTION_BUILDERS[name]()
+            model = graphprune.from_torch(net, net.example_inputs(), input_names=net.input_names,
+                                          dynamic_axes=net.dynamic_axes if dynamic else None, exporter=exporter)
+            paths[(name, variant)] = graphprune.save_model(model, folder / f"{name}-{variant}.onnx")
+    return paths
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_heads_and_neurons_prune_to_a_verified_model(attention_paths, tmp_path, name: str, variant: str) -> None:
+    path = attention_paths[(name, variant)]
+    deps, kept = api.preview(graphprune.load_model(path), ratio=0.5)
+    units = sorted(g.units for g in deps.prunable)
+    assert units == EXPECTED_UNITS[name]
+    assert sorted(g.kind for g in deps.prunable) == ["head", "head", "neuron", "neuron"]
+    assert sorted(kept[g.id] for g in deps.prunable) == [u // 2 for u in units]
+
+    out, report_path = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["verified"] and report["params_after"] < 0.6 * report["params_before"]
+    dense, pruned = graphprune.load_model(path).to_onnx(), graphprune.load_model(out).to_onnx()
+    # dynamic exports run at a batch and sequence length other than the traced ones
+    feeds = runtime.sample_inputs(dense, dynamic_dim=5)
+    assert [o.shape for o in runtime.run(pruned, feeds)] == [o.shape for o in runtime.run(dense, feeds)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_dead_heads_and_neurons_are_removed_exactly(attention_paths, name: str, variant: str) -> None:
+    model = graphprune.load_model(attention_paths[(name, variant)])
+    assert all(g.exact for g in api.inspect(model).prunable)  # so the oracle below covers every group
+    # one head (KV group) per layer and every other FFN neuron
+    removed = check_dead_unit_removal(model, lambda g: {1} if g.units <= 4 else set(range(0, g.units, 2)))
+    assert removed > 0
