@@ -156,8 +156,9 @@ def _set_literals(node: gs.Node, index: int, edits: list[tuple[Lit, int]], ctx: 
 
 def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
     """Reshape/Expand: every literal size of a pruned axis becomes the new size, whether the target
-    is a constant or computed by a Shape -> Concat chain. -1, 0 (and Expand's 1) keep meaning
-    "whatever the input has"; sizes read at run time follow by themselves."""
+    is a constant or computed by a Shape -> Concat chain. A -1 there becomes the literal too: a
+    per-layer head count in the graph is what ONNX Runtime's attention fusion reads. 0 (and
+    Expand's 1) keep meaning "whatever the input has"; sizes read at run time follow by themselves."""
     y = node.outputs[0]
     if len(node.inputs) < 2 or not _touched(y, ctx):
         return
@@ -167,7 +168,7 @@ def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
     edits = []
     for position, entry in enumerate(entries):
         kept = ctx.kept_of(y, position + lead)
-        if kept is not None and isinstance(entry, Lit) and entry.value > smallest:
+        if kept is not None and isinstance(entry, Lit) and (entry.value > smallest or entry.value == -1):
             edits.append((entry, len(kept)))
     if edits:
         _set_literals(node, 1, edits, ctx)

@@ -66,3 +66,31 @@ def test_dead_heads_and_neurons_are_removed_exactly(attention_paths, name: str, 
     # one head (KV group) per layer and every other FFN neuron
     removed = check_dead_unit_removal(model, lambda g: {1} if g.units <= 4 else set(range(0, g.units, 2)))
     assert removed > 0
+
+
+def test_ort_fuses_as_many_attention_layers_on_a_pruned_bert(attention_paths, tmp_path) -> None:
+    """Per-layer literal head counts keep onnxruntime.transformers' Attention fusion working."""
+    import logging
+
+    import numpy as np
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    dense = attention_paths[("bert", "torchscript-dynamic")]
+    pruned = tmp_path / "p.onnx"
+    assert main(["prune", str(dense), "-o", str(pruned), "--ratio", "0.5"]) == 0
+
+    def fuse(path: Path):
+        optimized = optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=64, opt_level=0)
+        return optimized.get_fused_operator_statistics()["Attention"], optimized.model
+
+    dense_count, _ = fuse(dense)
+    pruned_count, fused = fuse(pruned)
+    assert dense_count == 2 and pruned_count == dense_count
+    proto = graphprune.load_model(pruned).to_onnx()
+    feeds = runtime.sample_inputs(proto, dynamic_dim=6)
+    feeds["attention_mask"][:] = 1
+    feeds["attention_mask"][0, -2:] = 0
+    expected, = runtime.run(proto, feeds)
+    got, = runtime.run(fused, feeds)
+    assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
