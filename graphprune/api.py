@@ -14,22 +14,27 @@ from graphprune.plan import make_plan, validate_budget
 
 
 def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
-                   round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None, weight_threshold: float | None = None,
-                   seed: int = 0) -> str:
+                   round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None,
+                   weight_threshold: float | None = None, seed: int = 0, prune_hidden: bool = False,
+                   drop_blocks: int | None = None) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
     structural = ratio is not None or threshold is not None
     unstructured = sparsity is not None or weight_threshold is not None
-    if not structural and not unstructured:
-        raise OptionError("nothing to do: give --ratio or --threshold (structured) and/or "
-                          "--sparsity or --weight-threshold (unstructured)")
+    if not structural and not unstructured and not drop_blocks:
+        raise OptionError("nothing to do: give --ratio or --threshold (structured), --drop-blocks (depth) "
+                          "and/or --sparsity or --weight-threshold (unstructured)")
     if sparsity is not None and weight_threshold is not None:
         raise OptionError("give only one of sparsity and weight-threshold")
-    stages = []
+    if prune_hidden and not structural:
+        raise OptionError("--prune-hidden needs --ratio or --threshold")
+    if drop_blocks is not None and drop_blocks < 0:
+        raise OptionError(f"--drop-blocks must be >= 0, got {drop_blocks}")
+    stages = [f"drop-blocks{{count={drop_blocks},seed={seed}}}"] if drop_blocks else []
     if structural:
         validate_budget(ratio, threshold, round_to)
         budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
         rounding = ("" if round_to is None else f",round_to={round_to}") + (
-            "" if round_mode == "up" else f",round_mode={round_mode}")
+            "" if round_mode == "up" else f",round_mode={round_mode}") + (",hidden=true" if prune_hidden else "")
         stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
     if unstructured:
         amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
@@ -67,7 +72,8 @@ def inspect(model: Model) -> Dependencies:
 
 
 def preview(model: Model, ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
-            round_to: int | None = None, seed: int = 0) -> tuple[Dependencies, dict[int, int]]:
+            round_to: int | None = None, seed: int = 0, prune_hidden: bool = False,
+            ) -> tuple[Dependencies, dict[int, int]]:
     """Dry run of `prune`: the groups and how many units each would keep; `model` is not changed."""
     work = _analysis_copy(model)
     am = AnalysisManager()
@@ -75,5 +81,5 @@ def preview(model: Model, ratio: float | None = None, threshold: float | None = 
     if ratio is None and threshold is None:
         return deps, {g.id: g.units for g in deps.weight_groups}
     scores = am.run(parse_pipeline(f"importance{{kind={importance},seed={seed}}}")[0], work)
-    plan = make_plan(deps, scores, ratio, threshold, round_to)
+    plan = make_plan(deps, scores, ratio, threshold, round_to, hidden=prune_hidden)
     return deps, {g.id: len(plan.kept[g.id]) if g.id in plan.kept else g.units for g in deps.weight_groups}

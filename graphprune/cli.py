@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphprune import api
+from graphprune.deps import OPT_IN_KINDS
 from graphprune.errors import GraphpruneError, OptionError, OutputError
 from graphprune.ir import first_line, load_model, model_files, save_model
 from graphprune.pipeline import Report
@@ -47,6 +48,11 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-mode", choices=("up", "down"), default="up",
                    help="up: never remove more than --ratio (default); down: remove at least --ratio "
                         "(Torch-Pruning's convention)")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="also prune the hidden size (the residual stream of a transformer: embeddings, "
+                        "norms, every projection); off by default")
+    p.add_argument("--drop-blocks", type=int, metavar="N",
+                   help="remove the N residual sub-blocks (attention or MLP) that contribute least")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--sparsity", type=float, help="zero the smallest fraction F of each weight tensor")
     weights.add_argument("--weight-threshold", type=float, help="zero every weight with |w| < EPS")
@@ -69,6 +75,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2")
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
+    p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -143,14 +150,16 @@ def _check_paths(input_path: Path, output_path: Path, report_path: Path | None =
 def cmd_prune(args: argparse.Namespace) -> int:
     _check_paths(args.input, args.output, args.report)
     shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
-                 "weight_threshold": args.weight_threshold}
+                 "weight_threshold": args.weight_threshold, "drop_blocks": args.drop_blocks,
+                 "prune_hidden": args.prune_hidden or None}
     if args.pipeline:
         given = [k for k, v in shortcuts.items() if v is not None]
         if given:
             raise OptionError(f"--pipeline replaces --{given[0].replace('_', '-')}; give one or the other")
         options = {}
     else:
-        options = dict(shortcuts, importance=args.importance, round_to=args.round_to, round_mode=args.round_mode)
+        options = dict(shortcuts, importance=args.importance, round_to=args.round_to, round_mode=args.round_mode,
+                       prune_hidden=args.prune_hidden)
         api.build_pipeline(**options)  # validate before loading anything
     model = load_model(args.input)
     with console.status("pruning") as status:
@@ -173,7 +182,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     model = load_model(args.input)
-    deps, kept = api.preview(model, args.ratio, args.threshold, args.importance, args.round_to)
+    deps, kept = api.preview(model, args.ratio, args.threshold, args.importance, args.round_to,
+                             prune_hidden=args.prune_hidden)
     groups = deps.weight_groups
     costs = _node_costs(model) if args.costs else None
     if args.json:
@@ -192,7 +202,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for g in groups:
         weights = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.weights[:3]) + (" …" if len(g.weights) > 3 else "")
         members = "\n".join(f"{m.tensor}[{m.axis}]" for m in g.members) if args.members else str(len(g.members))
-        table.add_row(str(g.id), g.kind, str(g.units), str(kept[g.id]), weights, members, g.status)
+        status = g.status + (" (opt-in: --prune-hidden)" if g.prunable and g.kind in OPT_IN_KINDS else "")
+        table.add_row(str(g.id), g.kind, str(g.units), str(kept[g.id]), weights, members, status)
     console.print(table)
     if costs is not None:
         node_table = Table(title="cost per node (symbolic dims count as 1)")

@@ -41,6 +41,10 @@ class Member:
     unit_len: int = 1  # consecutive elements per unit (H*W for a flattened channel)
 
 
+#: group kinds pruned only on request: the residual stream (`--prune-hidden`)
+OPT_IN_KINDS = frozenset({"hidden"})
+
+
 @dataclass(frozen=True)
 class Group:
     id: int
@@ -276,7 +280,7 @@ def analyze(model: Model) -> Dependencies:
         units = lengths.pop() if len(lengths) == 1 else None
         if len(lengths) > 0:
             reasons.append("members disagree on the number of units")
-        kind = "head" if "head" in kinds else kinds[0] if kinds else "units"
+        kind = next((k for k in ("hidden", "head") if k in kinds), kinds[0] if kinds else "units")
         groups.append(Group(group_id, kind, units, tuple(members),
                             tuple(reasons[:MAX_REASONS]), exact=not inexact))
     frozen_count = sum(1 for g in groups if g.weights and g.frozen)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphprune.deps import Dependencies, Group, Member
+from graphprune.deps import OPT_IN_KINDS, Dependencies, Group, Member
 from graphprune.errors import OptionError
 
 
@@ -83,11 +83,15 @@ def validate_budget(ratio: float | None, threshold: float | None, round_to: int 
 
 
 def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = None,
-              threshold: float | None = None, round_to: int | None = None, round_mode: str = "up") -> Plan:
-    """Keep the highest-scored units of each prunable group; never remove every unit."""
+              threshold: float | None = None, round_to: int | None = None, round_mode: str = "up",
+              hidden: bool = False) -> Plan:
+    """Keep the highest-scored units of each prunable group; never remove every unit. Groups of an
+    opt-in kind (the hidden size) are left whole unless `hidden`."""
     validate_budget(ratio, threshold, round_to)
     kept: dict[int, np.ndarray] = {}
     for group in deps.prunable:
+        if group.kind in OPT_IN_KINDS and not hidden:
+            continue
         scores = np.asarray(importance.scores[group.id], dtype=np.float64)
         # stable ordering: by score descending, lower index first among equals
         ranking = np.lexsort((np.arange(len(scores)), -scores))

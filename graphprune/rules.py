@@ -265,6 +265,7 @@ def layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
                 out.freeze((param.name, last), reason)
                 out.freeze((y.name, axis), reason)
         out.mark_inexact((y.name, axis), f"{_where(node)} normalizes over this axis")
+        out.produced[(y.name, axis)] = "hidden"  # a normalized feature axis: the residual stream
     else:
         reason = f"{_where(node)} normalizes over several axes"
         for a in range(axis, rank):

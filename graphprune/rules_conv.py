@@ -110,6 +110,8 @@ def reduce(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     if not axes:
         axes = [] if node.attrs.get("noop_with_empty_axes", 0) else list(range(rank))
     reduced = {a % rank for a in axes}
+    if node.op == "ReduceMean" and reduced == {rank - 1} and rank >= 3:
+        out.produced[(x.name, rank - 1)] = "hidden"  # RMSNorm's mean of squares over the features
     keepdims = node.attrs.get("keepdims", 1)
     out_axis = 0
     for axis in range(rank):

@@ -61,6 +61,13 @@ class _Vision(nn.Module):
         return self.model(pixel_values=pixel_values).last_hidden_state
 
 
+class _Logits(_WithMask):
+    """A model with a task head: its output is logits, so the hidden size is prunable too."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 
 
@@ -116,6 +123,29 @@ def vit() -> nn.Module:
     config = ViTConfig(image_size=32, patch_size=8, attn_implementation="eager", **SMALL)
     return _Vision(ViTModel(config, add_pooling_layer=False), config.image_size)
 
+
+def bert_classifier() -> nn.Module:
+    """BERT with pooler and a 3-class head (logits [B, 3])."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _seed()
+    config = BertConfig(vocab_size=100, max_position_embeddings=32, attn_implementation="eager", num_labels=3,
+                        **SMALL)
+    return _Logits(BertForSequenceClassification(config), config.vocab_size)
+
+
+def llama_lm() -> nn.Module:
+    """LLaMA (GQA) with a language-model head tied to the token embeddings (logits [B, S, V])."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _seed()
+    config = LlamaConfig(vocab_size=100, max_position_embeddings=32, num_key_value_heads=2,
+                         tie_word_embeddings=True, attn_implementation="eager", **SMALL)
+    return _Logits(LlamaForCausalLM(config), config.vocab_size)
+
+
+#: models whose output is logits: `--prune-hidden` applies
+HEADED_BUILDERS: dict[str, Callable[[], nn.Module]] = {"bert_classifier": bert_classifier, "llama_lm": llama_lm}
 
 ATTENTION_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "bert": bert, "gpt2": gpt2, "llama": llama, "qwen2": qwen2, "vit": vit,

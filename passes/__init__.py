@@ -2,6 +2,7 @@
 
 from graphprune.passes.analyze_deps import AnalyzeDepsPass
 from graphprune.passes.cleanup_graph import CleanupGraphPass
+from graphprune.passes.drop_blocks import DropBlocksPass
 from graphprune.passes.prune_units import PruneUnitsPass
 from graphprune.passes.score_importance import ScoreImportancePass
 from graphprune.passes.sparsify_weights import SparsifyWeightsPass
@@ -11,6 +12,7 @@ from graphprune.passes.verify_model import VerifyModelPass
 __all__ = [
     "AnalyzeDepsPass",
     "CleanupGraphPass",
+    "DropBlocksPass",
     "PruneUnitsPass",
     "ScoreImportancePass",
     "SparsifyWeightsPass",

@@ -18,6 +18,7 @@ class PruneOptions:
     threshold: float | None = None
     round_to: int | None = None
     round_mode: Literal["up", "down"] = "up"
+    hidden: bool = False
 
 
 @register
@@ -31,7 +32,8 @@ class PruneUnitsPass(RewritePass):
     Options: ratio (fraction of units removed in each group, [0, 1)) or threshold (remove units
     scoring <= threshold); round_to (kept counts are multiples of it; default: 8 for groups of 32+
     units, which ORT's CPU kernels run fastest, 1 below); round_mode (up: never remove more than
-    the ratio; down: Torch-Pruning's convention, remove at least the ratio). Never removes every unit.
+    the ratio; down: Torch-Pruning's convention, remove at least the ratio); hidden (also prune the
+    residual stream: the group of normalized feature axes, off by default). Never removes every unit.
     """
 
     name = "prune-units"
@@ -53,7 +55,7 @@ class PruneUnitsPass(RewritePass):
             deps = replace(deps, groups=tuple(g if g.exact else replace(g, frozen=("inexact",))
                                               for g in deps.groups))
         plan = make_plan(deps, importance, self.options.ratio, self.options.threshold, self.options.round_to,
-                         self.options.round_mode)
+                         self.options.round_mode, self.options.hidden)
         if not plan.kept:
             return PassResult(False, {"groups_pruned": 0, "units_removed": 0})
         stats = apply_plan(model, deps, plan)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import graphprune
 from graphprune import api, runtime
 from graphprune.cli import main
-from graphprune.models.attention import ATTENTION_BUILDERS
+from graphprune.models.attention import ATTENTION_BUILDERS, HEADED_BUILDERS
+from graphprune.passes.drop_blocks import contributions, find_blocks
 from graphprune.testing import check_dead_unit_removal
 
 NAMES = sorted(ATTENTION_BUILDERS)
@@ -72,7 +74,6 @@ def test_ort_fuses_as_many_attention_layers_on_a_pruned_bert(attention_paths, tm
     """Per-layer literal head counts keep onnxruntime.transformers' Attention fusion working."""
     import logging
 
-    import numpy as np
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
@@ -94,3 +95,71 @@ def test_ort_fuses_as_many_attention_layers_on_a_pruned_bert(attention_paths, tm
     expected, = runtime.run(proto, feeds)
     got, = runtime.run(fused, feeds)
     assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+@pytest.fixture(scope="session")
+def headed_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """Models with a task head (logits out), dynamic batch and sequence, both exporters."""
+    folder = tmp_path_factory.mktemp("headed")
+    paths = {}
+    for name, build in HEADED_BUILDERS.items():
+        for exporter in ("dynamo", "torchscript"):
+            net = build()
+            model = graphprune.from_torch(net, net.example_inputs(), input_names=net.input_names,
+                                          dynamic_axes=net.dynamic_axes, exporter=exporter)
+            paths[(name, exporter)] = graphprune.save_model(model, folder / f"{name}-{exporter}.onnx")
+    return paths
+
+
+def _prune_cli(path: Path, tmp_path: Path, *options: str) -> dict:
+    out, report_path = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(path), "-o", str(out), *options, "--report", str(report_path)]) == 0
+    dense, pruned = graphprune.load_model(path).to_onnx(), graphprune.load_model(out).to_onnx()
+    feeds = runtime.sample_inputs(dense, dynamic_dim=5)
+    assert [o.shape for o in runtime.run(pruned, feeds)] == [o.shape for o in runtime.run(dense, feeds)]
+    report = json.loads(report_path.read_text())
+    assert report["verified"]
+    return report
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("name", sorted(HEADED_BUILDERS))
+def test_prune_hidden_is_opt_in_and_prunes_the_residual_stream(headed_paths, tmp_path, name: str,
+                                                               exporter: str) -> None:
+    path = headed_paths[(name, exporter)]
+    hidden = [g for g in api.inspect(graphprune.load_model(path)).prunable if g.kind == "hidden"]
+    assert len(hidden) == 1 and hidden[0].units == 64  # one residual stream through every layer
+
+    def hidden_after(report: dict) -> int:
+        return next(g["units_after"] for g in report["groups"] if g["kind"] == "hidden")
+
+    assert hidden_after(_prune_cli(path, tmp_path, "--ratio", "0.5")) == 64
+    report = _prune_cli(path, tmp_path, "--ratio", "0.5", "--prune-hidden")
+    assert hidden_after(report) == 32
+    # embeddings, every norm and projection lose half their hidden rows or columns
+    assert report["params_after"] < 0.35 * report["params_before"]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("name", sorted(HEADED_BUILDERS))
+def test_drop_blocks_removes_the_weakest_sub_blocks(headed_paths, tmp_path, name: str, exporter: str) -> None:
+    path = headed_paths[(name, exporter)]
+    report = _prune_cli(path, tmp_path, "--drop-blocks", "2")
+    stats = next(p["stats"] for p in report["passes"] if p["name"] == "drop-blocks")
+    assert stats["blocks_found"] == 4 and len(stats["blocks_dropped"]) == 2  # attention + MLP, 2 layers
+    model = graphprune.load_model(path)
+    model.infer_shapes()
+    blocks = find_blocks(model)
+    weakest = {blocks[i].name for i in np.argsort(contributions(model, blocks))[:2]}
+    assert {b["block"] for b in stats["blocks_dropped"]} == weakest
+    assert report["params_after"] < report["params_before"]
+    # combined with width pruning
+    both = _prune_cli(path, tmp_path, "--drop-blocks", "1", "--ratio", "0.5", "--prune-hidden")
+    assert both["params_after"] < report["params_after"]
+
+
+def test_drop_blocks_refuses_to_drop_every_block(headed_paths, tmp_path, capsys) -> None:
+    path = headed_paths[("llama_lm", "dynamo")]
+    assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--drop-blocks", "4"]) != 0
+    assert "cannot drop 4 blocks: the model has 4 residual blocks" in capsys.readouterr().err
+    assert not (tmp_path / "p.onnx").exists()

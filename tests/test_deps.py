@@ -71,6 +71,9 @@ def test_threshold_zero_leaves_normalized_groups_alone_but_a_positive_threshold_
     assert report.params_after == report.params_before  # the zero unit still shifts the mean
     model = dead_model()
     report = graphprune.prune(model, threshold=1e-9)
+    assert report.params_after == report.params_before  # a normalized axis is the hidden size: opt-in
+    model = dead_model()
+    report = graphprune.prune(model, threshold=1e-9, prune_hidden=True)
     assert report.params_before - report.params_after == 4 + 1 + 1 + 1 + 2
 
 

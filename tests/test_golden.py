@@ -39,7 +39,7 @@ def test_golden_prunes_and_verifies(case: Path) -> None:
     model = model_from_text(case.read_text())
     prunable = graphprune.inspect(model).prunable
     before = model.param_count()
-    report = graphprune.prune(model, ratio=0.5)
+    report = graphprune.prune(model, ratio=0.5, prune_hidden=True)
     assert report.verified
     if prunable:
         assert report.params_after < before

@@ -25,7 +25,7 @@ def test_parse_pipeline_with_options_and_aliases() -> None:
     assert passes[1].options.kind == "l1" and passes[1].options.seed == 3
     assert passes[2].options.ratio == 0.5 and passes[2].options.round_to == 8
     assert passes[2].options.threshold is None
-    assert repr(passes[2]) == "prune-units{ratio=0.5,threshold=None,round_to=8,round_mode=up}"
+    assert repr(passes[2]) == "prune-units{ratio=0.5,threshold=None,round_to=8,round_mode=up,hidden=False}"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -34,7 +34,7 @@ def test_parse_pipeline_with_options_and_aliases() -> None:
     ("importance{kind=l3}", "'l3' is not one of l1, l2, random, saliency"),
     ("prune{ratio}", "needs the form key=value"),
     ("prune{ratio=0.5", "unbalanced '{'"),
-    ("prune{bogus=1}", "pass 'prune-units' has no option 'bogus' (options: ratio, threshold, round_to, round_mode)"),
+    ("prune{bogus=1}", "pass 'prune-units' has no option 'bogus' (options: ratio, threshold, round_to, round_mode, hidden)"),
     ("prune{round_to=2.5}", "'2.5' is not a valid int"),
     ("deps{x=1}", "has no option 'x' (options: none)"),
 ])
