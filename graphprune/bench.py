@@ -44,8 +44,13 @@ def _file_bytes(path: Path) -> int:
 
 
 def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int = 50, warmup: int = 5,
-                 seed: int = 0) -> list[BenchResult]:
-    """Time every model in round-robin order so machine noise hits them alike."""
+                 seed: int = 0, feeds: dict[str, np.ndarray] | None = None) -> list[BenchResult]:
+    """Time every model in round-robin order so machine noise hits them alike.
+
+    Inputs are random with every dynamic dim set to `batch`, unless `feeds` gives them (e.g. real
+    token ids of a batch and sequence length of your choice); the first axis counts the samples.
+    """
+    given = feeds
     if paths:  # load ORT's kernels once so the first model's memory is not charged with them
         runtime.session(load_model(paths[0]).to_onnx(), threads=threads)
     loaded = []
@@ -54,7 +59,7 @@ def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int 
         proto = model.to_onnx()
         before = _rss_mb()
         sess = runtime.session(proto, threads=threads)
-        feeds = runtime.sample_inputs(proto, seed=seed, dynamic_dim=batch)
+        feeds = given if given is not None else runtime.sample_inputs(proto, seed=seed, dynamic_dim=batch)
         for _ in range(warmup):
             sess.run(None, feeds)
         first = next(iter(feeds.values()))

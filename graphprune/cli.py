@@ -104,6 +104,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole job on a bundled model")
     p.add_argument("--out", type=Path, default=Path("graphprune-demo"), help="output folder")
+    p.add_argument("--model", choices=("minilm", "digits"), default="minilm",
+                   help="minilm: the real all-MiniLM-L6-v2 encoder, heads and FFN (default); digits: a CNN "
+                        "trained on scikit-learn digits, Taylor scores")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from graphprune.demo import run_demo
 
-    run_demo(args.out, console)
+    run_demo(args.out, console, args.model)
     return 0
 
 

@@ -25,8 +25,9 @@ from graphprune.ir import Model, first_line
 logger = logging.getLogger(__name__)
 
 #: outputs of a lossless pass may differ by this much (relative to the largest output value):
-#: removing zero terms from a sum may reorder the float additions
-LOSSLESS_TOLERANCE = 1e-6
+#: removing zero terms from a sum changes how fp32 kernels block and order the additions (about
+#: 2e-6 on all-MiniLM-L6-v2, 1e-6 on inception_v3)
+LOSSLESS_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,38 @@ def test_drop_blocks_refuses_to_drop_every_block(headed_paths, tmp_path, capsys)
     assert main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--drop-blocks", "4"]) != 0
     assert "cannot drop 4 blocks: the model has 4 residual blocks" in capsys.readouterr().err
     assert not (tmp_path / "p.onnx").exists()
+
+
+@pytest.fixture(scope="session")
+def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The real all-MiniLM-L6-v2, both exporters, dynamic batch and sequence."""
+    import torch
+
+    from graphprune.models.minilm import english_sentences, load_encoder, tokenize
+
+    folder = tmp_path_factory.mktemp("minilm")
+    encoder = load_encoder()
+    feeds = tokenize(list(english_sentences()[:2]), seq=16)
+    example = tuple(torch.from_numpy(feeds[name]) for name in encoder.input_names)
+    return {exporter: graphprune.save_model(
+        graphprune.from_torch(encoder, example, input_names=encoder.input_names, dynamic_axes=(0, 1),
+                              exporter=exporter), folder / f"minilm-{exporter}.onnx")
+        for exporter in ("dynamo", "torchscript")}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_minilm_heads_and_neurons(minilm_paths, tmp_path, exporter: str) -> None:
+    path = minilm_paths[exporter]
+    deps, kept = api.preview(graphprune.load_model(path), ratio=0.5)
+    assert sorted((g.kind, g.units, kept[g.id]) for g in deps.prunable) == \
+        [("head", 12, 6)] * 6 + [("neuron", 1536, 768)] * 6  # the hidden size is the output here
+    _prune_cli(path, tmp_path, "--ratio", "0.5")
+
+    def tensor_params(file: Path) -> int:  # cleanup also merges equal scalars (GELU's constants)
+        return sum(t.values.size for t in graphprune.load_model(file).weights() if t.values.ndim)
+
+    # 6 layers lose 6 heads (Q, K, V rows and biases, output-projection columns) and 768 neurons each
+    removed = tensor_params(path) - tensor_params(tmp_path / "p.onnx")
+    assert removed == 6 * (6 * 32 * (3 * 385 + 384) + 768 * (385 + 384))
+    model = graphprune.load_model(path)
+    assert check_dead_unit_removal(model, lambda g: {1, 7} if g.kind == "head" else set(range(0, g.units, 3))) > 0

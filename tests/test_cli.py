@@ -80,12 +80,31 @@ def test_bench_side_by_side(trained_simple_net, tmp_path, capsys) -> None:
     assert all(r["batch"] == 4 and r["latency_ms_median"] > 0 for r in rows)
 
 
-def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+def test_minilm_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     from graphprune import demo
 
-    original = demo.run_demo
-    monkeypatch.setattr(demo, "run_demo", lambda out, console: original(out, console, epochs=4, bench_runs=3))
+    original = demo.run_minilm_demo
+    monkeypatch.setattr(demo, "run_minilm_demo",
+                        lambda out, console: original(out, console, bench_runs=2, sentences=16, seq=32))
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "all-MiniLM-L6-v2" in text and "speedup" in text
+    summary = json.loads((tmp_path / "demo" / "report.json").read_text())
+    dense, quarter, half = summary["dense"], summary["heads+FFN -25%"], summary["heads+FFN -50%"]
+    assert dense["params"] == 22_565_379 and dense["cosine_to_dense"] > 0.999
+    assert dense["params"] > quarter["params"] > half["params"]
+    assert half["report"]["verified"] and quarter["report"]["verified"]
+    assert 0 < half["cosine_to_dense"] < quarter["cosine_to_dense"] < 1
+    for name in ("dense.onnx", "pruned-25.onnx", "pruned-50.onnx"):
+        onnx.checker.check_model(str(tmp_path / "demo" / name))
+
+
+def test_digits_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
+    from graphprune import demo
+
+    original = demo.run_digits_demo
+    monkeypatch.setattr(demo, "run_digits_demo", lambda out, console: original(out, console, epochs=4, bench_runs=3))
+    assert main(["demo", "--model", "digits", "--out", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
     assert "DigitsCNN" in text and "speedup" in text
     summary = json.loads((tmp_path / "demo" / "report.json").read_text())

