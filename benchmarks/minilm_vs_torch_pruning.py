@@ -1,8 +1,8 @@
 """all-MiniLM-L6-v2: dense vs graphprune vs Torch-Pruning, heads and FFN neurons, in ONNX Runtime.
 
     pip install -c constraints.txt -e '.[bench]'
-    python benchmarks/minilm_vs_torch_pruning.py [--ratio 0.5] [--runs 30] [--threads 2] [--batch 8]
-        [--seq 128] [--sentences 256] [--out benchmarks/results/minilm.json]
+    python benchmarks/minilm_vs_torch_pruning.py [--ratio 0.5] [--runs 30] [--repeats 3] [--threads 2]
+        [--batch 8] [--seq 128] [--sentences 256] [--out benchmarks/results/minilm.json]
 
 Both tools remove the same share of attention heads (whole heads, head_dim kept) and of FFN
 neurons in every layer, scored by L2 magnitude, and keep the hidden size; no fine-tuning.
@@ -66,7 +66,8 @@ def export(encoder: SentenceEncoder, example: dict[str, np.ndarray], path: Path)
     return graphprune.save_model(model, path)
 
 
-def run(ratio: float, runs: int, threads: int, batch: int, seq: int, sentences: int, folder: Path) -> list[dict]:
+def run(ratio: float, runs: int, threads: int, batch: int, seq: int, sentences: int, repeats: int,
+        folder: Path) -> list[dict]:
     encoder = load_encoder()
     text = list(english_sentences()[:sentences])
     feeds = tokenize(text, seq)
@@ -78,13 +79,21 @@ def run(ratio: float, runs: int, threads: int, batch: int, seq: int, sentences: 
                                                     folder / "torch-pruning.onnx")
     paths = list(variants.values())
     timed = {k: v[:batch] for k, v in feeds.items()}
-    latency = bench_models(paths, threads=threads, runs=runs, feeds=timed)
+    # several interleaved rounds: the spread of the graphprune / Torch-Pruning ratio shows the noise
+    rounds = [bench_models(paths, threads=threads, runs=runs, feeds=timed) for _ in range(repeats)]
+    ms = np.array([[r.latency_ms_median for r in results] for results in rounds])  # [round, variant]
+    peer = ms[:, 1] / ms[:, 2]
+    print(f"graphprune / torch-pruning latency per round: {', '.join(f'{x:.3f}' for x in peer)}")
     reference = embed_onnx(paths[0], feeds)
     rows = []
-    for (label, path), result in zip(variants.items(), latency, strict=True):
-        row = {"variant": label, "params": result.params, "file_mb": result.file_bytes / 1e6,
-               "ms": result.latency_ms_median, "speedup": latency[0].latency_ms_median / result.latency_ms_median,
+    for index, ((label, path), result) in enumerate(zip(variants.items(), rounds[0], strict=True)):
+        median = float(np.median(ms[:, index]))
+        row = {"variant": label, "params": result.params, "file_mb": result.file_bytes / 1e6, "ms": median,
+               "speedup": float(np.median(ms[:, 0] / ms[:, index])),
+               "ms_per_round": ms[:, index].tolist(),
                "cosine_to_dense": mean_cosine(embed_onnx(path, feeds), reference)}
+        if index == 1:
+            row["latency_vs_torch_pruning"] = peer.tolist()
         rows.append(row)
         print(f"{label:20s} params {row['params']:>11,}  {row['file_mb']:6.1f} MB  {row['ms']:8.2f} ms  "
               f"{row['speedup']:.2f}x  cosine {row['cosine_to_dense']:.3f}", flush=True)
@@ -98,11 +107,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--sentences", type=int, default=256, help="sentences for the embedding cosine")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/minilm.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        rows = run(args.ratio, args.runs, args.threads, args.batch, args.seq, args.sentences, Path(folder))
+        rows = run(args.ratio, args.runs, args.threads, args.batch, args.seq, args.sentences, args.repeats,
+                   Path(folder))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
     args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")

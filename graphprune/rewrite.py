@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,6 +31,8 @@ class RewriteContext:
     model: Model
     kept: dict[Slot, np.ndarray]  # only slots that changed
     names: set[str]
+    #: edited copies of shape constants and chains, by (original tensor, edits)
+    copies: dict[tuple, gs.Tensor] = field(default_factory=dict)
 
     def kept_of(self, tensor: gs.Tensor, axis: int) -> np.ndarray | None:
         return self.kept.get((tensor.name, axis))
@@ -134,12 +136,17 @@ def _set_literals(node: gs.Node, index: int, edits: list[tuple[Lit, int]], ctx: 
     """Give each literal read through `node.inputs[index]` its new value, on a copy of the constant
     and of every node on the way to it: shape chains are often shared with other layers."""
     tensor = node.inputs[index]
+    key = (id(tensor), tuple(sorted((tuple((id(n), j) for n, j in lit.path), lit.index, value)
+                                    for lit, value in edits)))
+    if key in ctx.copies:  # another layer needs the same sizes from the same chain: share the copy
+        node.inputs[index] = ctx.copies[key]
+        return
     if isinstance(tensor, gs.Constant):
         values = np.array(tensor.values).copy()
         flat = values.reshape(-1)
         for lit, value in edits:
             flat[lit.index] = value
-        node.inputs[index] = ctx.constant(f"{node.name or tensor.name}_shape", values)
+        node.inputs[index] = ctx.copies[key] = ctx.constant(f"{node.name or tensor.name}_shape", values)
         return
     producer = edits[0][0].path[0][0]
     out = producer.outputs[0]
@@ -151,7 +158,7 @@ def _set_literals(node: gs.Node, index: int, edits: list[tuple[Lit, int]], ctx: 
         by_input[lit.path[0][1]].append((Lit(lit.value, lit.path[1:], lit.index), value))
     for input_index, sub in by_input.items():
         _set_literals(clone, input_index, sub, ctx)
-    node.inputs[index] = clone.outputs[0]
+    node.inputs[index] = ctx.copies[key] = clone.outputs[0]
 
 
 def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
