@@ -46,6 +46,23 @@ def _quiet_exporter():
 EXPORTERS = ("dynamo", "torchscript")
 
 
+@contextlib.contextmanager
+def _no_ir_dump():
+    """The TorchScript exporter dumps its whole IR graph to stderr when an op cannot be exported
+    (torch 2.x enables that C++ log by mistake: it tests the function, not its result); the
+    one-line error says enough, so the log call is a no-op while we export."""
+    import torch
+
+    original = getattr(torch._C, "_jit_onnx_log", None)
+    if original is not None:
+        torch._C._jit_onnx_log = lambda *args: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            torch._C._jit_onnx_log = original
+
+
 def export_proto(module: Any, example_inputs: Sequence[Any], input_names: Sequence[str] | None = None,
                  output_names: Sequence[str] | None = None, dynamic_batch: bool = False,
                  opset: int | None = None, dynamic_axes: Sequence[int] | None = None,
@@ -81,10 +98,11 @@ def export_proto(module: Any, example_inputs: Sequence[Any], input_names: Sequen
                 proto = program.model_proto
             else:
                 buffer = io.BytesIO()
-                torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
-                                  output_names=list(output_names or []) or None,
-                                  dynamic_axes={n: d for n, d in zip(names, per_input, strict=False) if d} or None,
-                                  opset_version=opset or TORCHSCRIPT_OPSET)
+                with _no_ir_dump():
+                    torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
+                                      output_names=list(output_names or []) or None,
+                                      dynamic_axes={n: d for n, d in zip(names, per_input, strict=False) if d}
+                                      or None, opset_version=opset or TORCHSCRIPT_OPSET)
                 proto = onnx.load_from_string(buffer.getvalue())
     except Exception as exc:
         raise ExportError(f"torch.onnx.export ({exporter}) failed for {type(module).__name__}: "

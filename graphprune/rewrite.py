@@ -170,6 +170,8 @@ def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
     if len(node.inputs) < 2 or not _touched(y, ctx):
         return
     entries = shape_value(node.inputs[1])
+    if entries is None:
+        return  # an unreadable target froze every axis of the node (rules_shape._target_entries)
     lead = len(y.shape) - len(entries)
     smallest = 1 if node.op == "Expand" else 0
     edits = []

@@ -126,3 +126,27 @@ def test_inspect_dry_run_and_costs(trained_simple_net, capsys) -> None:
     assert [(n["op"], n["params"], n["macs"]) for n in data["nodes"]] == [("Gemm", 220, 200), ("Relu", 0, 0),
                                                                          ("Gemm", 210, 200)]
     assert trained_simple_net.path.read_bytes() == before
+
+
+def test_export_errors_are_one_line_for_both_exporters(tmp_path, monkeypatch, capsys) -> None:
+    """An op the TorchScript exporter cannot convert: one line, no IR dump, no file."""
+    (tmp_path / "mha_factory.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = torch.nn.MultiheadAttention(16, 2, batch_first=True)\n"
+        "    def forward(self, x):\n"
+        "        return self.a(x, x, x, need_weights=False)[0]\n"
+        "def build():\n"
+        "    return M().eval(), (torch.randn(2, 4, 16),)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "m.onnx"
+    assert main(["export", "mha_factory:build", "-o", str(out), "--exporter", "torchscript"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torchscript" in err and "not supported" in err
+    assert not out.exists()
+    assert main(["export", "mha_factory:build", "-o", str(out), "--dynamic-axes", "0,x"]) == 1
+    assert "--dynamic-axes wants comma-separated integers" in capsys.readouterr().err
+    assert main(["export", "mha_factory:build", "-o", str(out), "--dynamic-axes", "0,1"]) == 0
+    assert graphprune.load_model(out).graph.inputs[0].shape[:2] == ["batch", "seq"]
