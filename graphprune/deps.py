@@ -98,7 +98,7 @@ class Dependencies:
 
 
 def collect_couplings(model: Model) -> Couplings:
-    ctx = RuleContext(opset=model.graph.opset)
+    ctx = RuleContext(opset=model.graph.opset, graph_outputs=frozenset(t.name for t in model.graph.outputs))
     out = Couplings()
     for tensor in model.graph.inputs:
         out.freeze_tensor(tensor, f"graph input '{tensor.name}'")

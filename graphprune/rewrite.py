@@ -177,7 +177,8 @@ def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
     edits = []
     for position, entry in enumerate(entries):
         kept = ctx.kept_of(y, position + lead)
-        if kept is not None and isinstance(entry, Lit) and (entry.value > smallest or entry.value == -1):
+        if kept is not None and isinstance(entry, Lit) and entry.path is not None and (
+                entry.value > smallest or entry.value == -1):
             edits.append((entry, len(kept)))
     if edits:
         _set_literals(node, 1, edits, ctx)

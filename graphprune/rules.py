@@ -95,8 +95,9 @@ class Couplings:
 class RuleContext:
     """Shape and constant queries the rules need (shapes must be inferred beforehand)."""
 
-    def __init__(self, opset: int = 20) -> None:
+    def __init__(self, opset: int = 20, graph_outputs: frozenset[str] = frozenset()) -> None:
         self.opset = opset
+        self.graph_outputs = graph_outputs
 
     def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
         return shape_of(tensor)

@@ -11,6 +11,7 @@ by Shape -> Concat chains (`graphprune.shapes`), are recomputed by the rewrite.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import onnx_graphsurgeon as gs
 
@@ -96,6 +97,10 @@ def flatten(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     _regroup(node, ctx, out, ctx.shape(node.outputs[0]))
 
 
+def _literal_key(lit: Lit) -> tuple:
+    return tuple((id(n), i) for n, i in lit.path), lit.index
+
+
 def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tensor) -> list[Entry] | None:
     """The target's entries. A size that follows another tensor at run time keeps that tensor's axis
     coupled with this output axis; a size computed by arithmetic, or a literal the rewrite cannot
@@ -105,8 +110,13 @@ def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tenso
         freeze_node(node, ctx, out, f"{_where(node)}: cannot read the target shape")
         return None
     lead = (ctx.rank(y) or len(entries)) - len(entries)
+    # one literal read at several positions (Gather with repeated indices, a broadcast Where value)
+    # cannot take two new sizes: freeze those positions
+    seen = Counter(_literal_key(e) for e in entries if isinstance(e, Lit) and e.path is not None)
     for position, entry in enumerate(entries):
         slot = (y.name, position + lead)
+        if isinstance(entry, Lit) and entry.path is not None and seen[_literal_key(entry)] > 1:
+            out.freeze(slot, f"{_where(node)}: one literal gives several sizes")
         if isinstance(entry, DimOf):
             out.couple((entry.tensor, entry.axis), slot)
         elif isinstance(entry, Scaled):
@@ -121,15 +131,18 @@ def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tenso
     return entries
 
 
-def _shape_uses(tensor: gs.Tensor):
+def _shape_uses(tensor: gs.Tensor, graph_outputs: frozenset[str]):
     """(consumer, tensor read) for every use of a shape tensor outside shape arithmetic; chains of
-    Gather/Concat/Unsqueeze/arithmetic are followed. A Reshape/Expand target is such a use."""
+    Gather/Concat/Unsqueeze/arithmetic are followed. A Reshape/Expand target is such a use; so is
+    a graph output (consumer None)."""
     seen, stack = set(), [tensor]
     while stack:
         current = stack.pop()
         if current.name in seen:
             continue
         seen.add(current.name)
+        if current.name in graph_outputs:
+            yield None, current
         for consumer in current.outputs:
             first = bool(consumer.inputs) and consumer.inputs[0] is current
             if consumer.op in SHAPE_COMBINE or (consumer.op in SHAPE_SELECT and first):
@@ -155,14 +168,16 @@ def shape_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     start, end = (max(0, min(rank, v + rank if v < 0 else v))
                   for v in (node.attrs.get("start", 0), node.attrs.get("end", rank)))
     read = range(start, end)
-    out.touched.update((x.name, axis) for axis in read)
-    for consumer, tensor in _shape_uses(node.outputs[0]):
-        if consumer.op in ("Reshape", "Expand") and len(consumer.inputs) > 1 and consumer.inputs[1] is tensor:
-            continue
-        values = shape_value(tensor)
+    out.touched.update((x.name, axis) for axis in range(rank))  # axes not read are not constrained
+    for consumer, tensor in _shape_uses(node.outputs[0], ctx.graph_outputs):
+        target = consumer is not None and consumer.op in ("Reshape", "Expand") and len(consumer.inputs) > 1 and consumer.inputs[1] is tensor
+        if target and shape_value(tensor) is not None:
+            continue  # the target's rule couples or freezes each size it reads
+        values = None if target else shape_value(tensor)
         used = read if values is None else sorted({d.axis for e in values for d in sources(e) if d.tensor == x.name})
         for axis in used:
-            out.freeze((x.name, axis), f"the size of axis {axis} is used as data by {_where(consumer)}")
+            user = _where(consumer) if consumer is not None else f"graph output '{tensor.name}'"
+            out.freeze((x.name, axis), f"the size of axis {axis} is used as data by {user}")
 
 
 def reshape(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:

@@ -144,7 +144,7 @@ def shape_value(tensor: gs.Tensor, depth: int = 0) -> list[Entry] | None:
         if any(p is None for p in parts):
             return None
         return [e for i, p in enumerate(parts) for e in _step(node, i, p)]
-    if op == "Gather" and node.attrs.get("axis", 0) == 0:
+    if op == "Gather" and node.attrs.get("axis", 0) in (0, -1):  # shape vectors are 1-D
         data, indices = shape_value(node.inputs[0], depth + 1), _const_ints(node.inputs[1])
         if data is None or indices is None:
             return None
@@ -153,11 +153,11 @@ def shape_value(tensor: gs.Tensor, depth: int = 0) -> list[Entry] | None:
         return _step(node, 0, picked)
     if op == "Slice":
         data = shape_value(node.inputs[0], depth + 1)
-        bounds = [_const_ints(t) for t in node.inputs[1:]]
-        if data is None or any(b is None for b in bounds) or len(bounds) < 2:
+        bounds = [_const_ints(t) if t.name else np.zeros(0, np.int64) for t in node.inputs[1:]]
+        if data is None or any(b is None for b in bounds) or len(bounds) < 2 or not len(bounds[0]):
             return None
         starts, ends = int(bounds[0][0]), int(bounds[1][0])
-        steps = int(bounds[3][0]) if len(bounds) > 3 else 1
+        steps = int(bounds[3][0]) if len(bounds) > 3 and len(bounds[3]) else 1
         return _step(node, 0, data[slice(starts, ends, steps)])
     if op in _ARITHMETIC:
         parts = [shape_value(t, depth + 1) for t in node.inputs[:2]]

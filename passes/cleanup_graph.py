@@ -31,7 +31,10 @@ class CleanupGraphPass(RewritePass):
         graph = model.graph
         nodes_before = len(graph.nodes)
         tensors_before = len(graph.tensors())
-        graph.fold_constants(error_ok=True)
+        # onnx-graphsurgeon folds Shape <start, end> as if it read every axis: let such graphs keep
+        # their Shape nodes rather than get a wrong constant
+        sliced_shape = any(n.op == "Shape" and ("start" in n.attrs or "end" in n.attrs) for n in graph.nodes)
+        graph.fold_constants(error_ok=True, fold_shapes=not sliced_shape)
         graph.cleanup(remove_unused_graph_inputs=False)
         merged = dedupe_constants(model)
         graph.cleanup(remove_unused_graph_inputs=False)

@@ -29,23 +29,28 @@ WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 @dataclass(frozen=True)
 class ResidualBlock:
     add: gs.Node
-    skip: gs.Tensor
+    skip_index: int  # which input of the Add is the skip (read it from the Add: drops rewire it)
     branch: gs.Tensor
-    nodes: tuple[gs.Node, ...]  # nodes only this branch uses
+    nodes: tuple[gs.Node, ...]  # nodes only this branch uses, between the skip and the Add
+
+    @property
+    def skip(self) -> gs.Tensor:
+        return self.add.inputs[self.skip_index]
 
     @property
     def name(self) -> str:
         return self.add.name or self.branch.name
 
 
-def _exclusive_nodes(branch: gs.Tensor, add: gs.Node, outputs: set[str]) -> list[gs.Node]:
-    """Nodes whose every output is consumed only inside the branch (walking back from it)."""
+def _exclusive_nodes(branch: gs.Tensor, skip: gs.Tensor, add: gs.Node, outputs: set[str]) -> list[gs.Node]:
+    """Nodes whose every output is consumed only inside the branch, walking back from it and
+    stopping at the skip (what computes the skip belongs to earlier blocks)."""
     inside: set[int] = {id(add)}
     nodes: list[gs.Node] = []
     stack = [branch]
     while stack:
         tensor = stack.pop()
-        if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        if tensor is skip or not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
             continue
         node = tensor.inputs[0]
         if id(node) in inside:
@@ -82,12 +87,13 @@ def find_blocks(model: Model) -> list[ResidualBlock]:
     for node in model.graph.nodes:
         if node.op != "Add" or len(node.inputs) != 2:
             continue
-        for skip, branch in (node.inputs, node.inputs[::-1]):
-            if skip.shape != branch.shape or not _depends_on(branch, skip):
+        for skip_index in (0, 1):
+            skip, branch = node.inputs[skip_index], node.inputs[1 - skip_index]
+            if skip.shape is None or skip.shape != branch.shape or not _depends_on(branch, skip):
                 continue
-            nodes = _exclusive_nodes(branch, node, outputs)
+            nodes = _exclusive_nodes(branch, skip, node, outputs)
             if any(n.op in WEIGHTED_OPS and any(isinstance(t, gs.Constant) for t in n.inputs[1:]) for n in nodes):
-                blocks.append(ResidualBlock(node, skip, branch, tuple(nodes)))
+                blocks.append(ResidualBlock(node, skip_index, branch, tuple(nodes)))
                 break
     return blocks
 
@@ -114,8 +120,7 @@ def contributions(model: Model, blocks: list[ResidualBlock], seed: int = 0) -> n
 def drop(model: Model, block: ResidualBlock) -> None:
     """Wire the skip past the Add: the branch becomes identity (cleanup removes its nodes). The skip
     is read from the Add now: dropping an earlier block may have rewired it."""
-    add = block.add
-    skip = add.inputs[1] if add.inputs[0] is block.branch else add.inputs[0]
+    add, skip = block.add, block.skip
     out = add.outputs[0]
     if out.name in {t.name for t in model.graph.outputs}:
         add.op = "Identity"
@@ -157,7 +162,11 @@ class DropBlocksPass(RewritePass):
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         if self.options.count == 0:
             return PassResult(False, {"blocks_found": 0, "blocks_dropped": []})
+        model.infer_shapes()  # a residual Add joins two tensors of one shape
         blocks = find_blocks(model)
+        if not blocks:
+            raise OptionError("cannot drop blocks: the model has no residual block (an Add of a tensor and a "
+                              "branch computed from it through weights only that branch uses)")
         if self.options.count >= len(blocks):
             raise OptionError(f"cannot drop {self.options.count} blocks: the model has {len(blocks)} residual "
                               "blocks and at least one must stay")
