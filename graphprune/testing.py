@@ -84,3 +84,24 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
     diff = runtime.max_relative_diff(before, after)
     assert diff <= LOSSLESS_TOLERANCE, f"outputs changed by {diff:.3g} (relative)"
     return report.params_before - report.params_after
+
+
+def check_lowering(model: Model, dynamic_dim: int = 3, seed: int = 1, tolerance: float = 1e-4) -> float:
+    """The lowered fx module computes what ONNX Runtime computes (every output within `tolerance`
+    of the largest reference value) on seeded sample inputs; returns the relative difference."""
+    import torch
+
+    from graphprune import runtime
+    from graphprune.lowering import lower
+
+    proto = model.to_onnx()
+    feeds = runtime.sample_inputs(proto, dynamic_dim=dynamic_dim, seed=seed)
+    reference = runtime.run(proto, feeds)
+    module = lower(model)
+    with torch.no_grad():
+        outputs = module(*[torch.from_numpy(feeds[t.name]) for t in model.graph.inputs if t.name in feeds])
+    outputs = [o.numpy() for o in (outputs if isinstance(outputs, tuple) else (outputs,))]
+    assert [o.shape for o in outputs] == [r.shape for r in reference]
+    diff = runtime.max_relative_diff(reference, outputs)
+    assert diff <= tolerance, f"lowered module differs from ONNX Runtime by {diff:.3g} (relative)"
+    return diff

@@ -15,7 +15,7 @@ from graphprune import api, runtime
 from graphprune.cli import main
 from graphprune.models.attention import ATTENTION_BUILDERS, HEADED_BUILDERS
 from graphprune.passes.drop_blocks import contributions, find_blocks
-from graphprune.testing import check_dead_unit_removal
+from graphprune.testing import check_dead_unit_removal, check_lowering
 
 NAMES = sorted(ATTENTION_BUILDERS)
 #: (exporter, dynamic axes?) — dynamo with static shapes, dynamo and TorchScript with dynamic ones
@@ -207,3 +207,41 @@ def test_minilm_heads_and_neurons(minilm_paths, tmp_path, exporter: str) -> None
     assert removed == 6 * (6 * 32 * (3 * 385 + 384) + 768 * (385 + 384))
     model = graphprune.load_model(path)
     assert check_dead_unit_removal(model, lambda g: {1, 7} if g.kind == "head" else set(range(0, g.units, 3))) > 0
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_lowered_module_matches_onnx_runtime(attention_paths, name: str, variant: str) -> None:
+    check_lowering(graphprune.load_model(attention_paths[(name, variant)]))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_lowered_minilm_matches_onnx_runtime_and_trains_back(minilm_paths, exporter: str) -> None:
+    import torch
+
+    from graphprune.lowering import lower, parameter_names, write_back
+
+    model = graphprune.load_model(minilm_paths[exporter])
+    check_lowering(model)
+    module = lower(model)
+    assert len(parameter_names(module)) == sum(1 for _ in model.weights())
+    # one gradient step on the lowered module lands in the ONNX initializers
+    feeds = runtime.sample_inputs(model.to_onnx(), dynamic_dim=4)
+    out = module(*[torch.from_numpy(feeds[t.name]) for t in model.graph.inputs])
+    out.square().mean().backward()
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    assert write_back(model, module) > 100
+    # the ONNX model now computes what the trained module computes
+    with torch.no_grad():
+        trained = module(*[torch.from_numpy(feeds[t.name]) for t in model.graph.inputs]).numpy()
+    assert runtime.max_relative_diff([trained], runtime.run(model.to_onnx(), feeds)) <= 1e-4
+    assert runtime.max_relative_diff([trained], [out.detach().numpy()]) > 1e-4  # and it did change
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("name", sorted(HEADED_BUILDERS))
+def test_lowered_headed_models_match_onnx_runtime(headed_paths, name: str, exporter: str) -> None:
+    check_lowering(graphprune.load_model(headed_paths[(name, exporter)]))

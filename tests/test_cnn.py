@@ -13,7 +13,7 @@ import graphprune
 from graphprune import runtime
 from graphprune.cli import main
 from graphprune.models.cnn import CNN_BUILDERS, build
-from graphprune.testing import check_dead_unit_removal
+from graphprune.testing import check_dead_unit_removal, check_lowering
 
 NAMES = sorted(CNN_BUILDERS)
 
@@ -108,3 +108,8 @@ def test_cli_threshold_zero_removes_dead_channels(cnn_paths, tmp_path, name: str
     feeds = runtime.sample_inputs(dense.to_onnx(), seed=5, dynamic_dim=4)
     for a, b in zip(runtime.run(pruned.to_onnx(), feeds), runtime.run(dense.to_onnx(), feeds), strict=True):
         assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lowered_module_matches_onnx_runtime(cnn_paths, name: str) -> None:
+    check_lowering(graphprune.load_model(cnn_paths[name]))

@@ -60,3 +60,19 @@ def test_golden_dead_units_are_removed_exactly(case: Path) -> None:
     the outputs unchanged. (No cleanup: it would merge copies that stay equal.)"""
     model = model_from_text(case.read_text())
     check_dead_unit_removal(model, lambda group: set(range(1, group.units, 2)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".onnx.txt") for c in CASES])
+def test_golden_lowering_matches_onnx_runtime(case: Path) -> None:
+    """Every golden graph lowers to an fx module that computes what ONNX Runtime computes; a graph
+    with an op the lowering lacks (control flow, unknown ops) is refused with its name."""
+    from graphprune.lowering import LOWERINGS, LoweringError
+    from graphprune.testing import check_lowering
+
+    model = model_from_text(case.read_text())
+    missing = sorted({n.op for n in model.graph.nodes if n.op not in LOWERINGS})
+    if missing:
+        with pytest.raises(LoweringError, match=f"cannot lower {missing[0]}"):
+            check_lowering(model)
+    else:
+        check_lowering(model)

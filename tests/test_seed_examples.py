@@ -96,3 +96,10 @@ def test_taylor_beats_random_on_average(trained_simple_net) -> None:
             runs.append(onnx_mse(model, x.numpy(), y.numpy()))
         losses[kind] = float(np.mean(runs))
     assert losses["saliency"] < losses["random"]
+
+
+def test_lowered_mlps_match_onnx_runtime(trained_simple_net, dead_mlp_path) -> None:
+    from graphprune.testing import check_lowering
+
+    check_lowering(graphprune.load_model(trained_simple_net.path))
+    check_lowering(graphprune.load_model(dead_mlp_path))

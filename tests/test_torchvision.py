@@ -12,6 +12,7 @@ import torchvision
 
 import graphprune
 from graphprune.cli import main
+from graphprune.testing import check_lowering
 
 MODELS = ("resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0", "regnet_y_400mf")
 
@@ -48,3 +49,8 @@ def test_torchvision_inspect(torchvision_paths, capsys, name: str) -> None:
     prunable = [g for g in groups if g["prunable"]]
     assert len(prunable) >= 10
     assert all(g["frozen"] for g in groups if not g["prunable"] and (g["units"] or 0) > 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lowered_module_matches_onnx_runtime(torchvision_paths, name: str) -> None:
+    check_lowering(graphprune.load_model(torchvision_paths[name]), dynamic_dim=2)
