@@ -44,11 +44,14 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
 
 
 def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, np.ndarray] | None = None,
-          verify: bool = True, progress: Progress | None = None, seed: int = 0, **options) -> Report:
+          calibration: Mapping[str, np.ndarray] | None = None, verify: bool = True,
+          progress: Progress | None = None, seed: int = 0, **options) -> Report:
     """Prune `model` in place with a pipeline text or the options of `build_pipeline`.
 
     `saliency` maps initializer names to per-weight contributions (e.g. from
-    `frontend.taylor_saliency` + `frontend.saliency_for`) for `importance="saliency"`.
+    `frontend.taylor_saliency` + `frontend.saliency_for`) for `importance="saliency"`;
+    `calibration` maps input names to sample arrays (first axis: samples; `graphprune.calib`)
+    for `importance="activation"`.
     """
     if pipeline is not None and options:
         raise OptionError(f"give either a pipeline or options ({', '.join(options)}), not both")
@@ -56,6 +59,8 @@ def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, n
     manager = PassManager(parse_pipeline(text), verify=verify, seed=seed, progress=progress)
     if saliency is not None:
         manager.am.context["saliency"] = dict(saliency)
+    if calibration is not None:
+        manager.am.context["calibration"] = dict(calibration)
     return manager.run(model)
 
 

@@ -42,7 +42,11 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--ratio", type=float, help="fraction of units removed in each group, in [0, 1)")
     budget.add_argument("--threshold", type=float,
                         help="remove every unit whose group importance is <= EPS (0: lossless dead-unit removal)")
-    p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2", help="unit score (default l2)")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation"), default="l2",
+                   help="unit score (default l2); activation: weights times activation norms on --calib data")
+    p.add_argument("--calib", metavar="FILE.npz|random",
+                   help="calibration inputs: an .npz with one array per model input (first axis: samples), "
+                        "or 'random' (seeded random inputs); used by --importance activation")
     p.add_argument("--round-to", type=int, default=None,
                    help="kept units per group are a multiple of N (default: 8 for groups of 32+ units, else 1)")
     p.add_argument("--round-mode", choices=("up", "down"), default="up",
@@ -72,7 +76,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
     budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
-    p.add_argument("--importance", choices=("l1", "l2", "random"), default="l2")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation"), default="l2")
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
     p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")
@@ -101,6 +105,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
 
 
+def _add_calib(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calib", help="turn a text file into token inputs (.npz) for --calib")
+    p.add_argument("text", type=Path, help="a text file: one sample per non-empty line")
+    p.add_argument("--model", type=Path, required=True, help="the ONNX model (its input names are used)")
+    p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer folder (e.g. the model's)")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--seq", type=int, default=128, help="tokens per sample, padded or truncated (default 128)")
+    p.add_argument("--samples", type=int, help="use only the first N lines")
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole job on a bundled model")
     p.add_argument("--out", type=Path, default=Path("graphprune-demo"), help="output folder")
@@ -114,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
     parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_prune, _add_inspect, _add_export, _add_bench, _add_demo):
+    for add in (_add_prune, _add_inspect, _add_export, _add_bench, _add_calib, _add_demo):
         add(sub)
     return parser
 
@@ -150,6 +164,16 @@ def _check_paths(input_path: Path, output_path: Path, report_path: Path | None =
         raise OptionError(f"report path {report_path} is the output model; choose another path")
 
 
+def _calibration(spec: str | None, model, seed: int) -> dict | None:
+    from graphprune.calib import load_calibration, random_calibration
+
+    if spec is None:
+        return None
+    if spec == "random":
+        return random_calibration(model.to_onnx(), seed=seed)
+    return load_calibration(Path(spec), model.to_onnx())
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     _check_paths(args.input, args.output, args.report)
     shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
@@ -165,12 +189,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                        prune_hidden=args.prune_hidden)
         api.build_pipeline(**options)  # validate before loading anything
     model = load_model(args.input)
+    calibration = _calibration(args.calib, model, args.seed)
     with console.status("pruning") as status:
         def progress(name: str, index: int, total: int) -> None:
             status.update(f"[{index + 1}/{total}] {name}")
 
         report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=progress,
-                           seed=args.seed, **options)
+                           seed=args.seed, calibration=calibration, **options)
     save_model(model, args.output, external=True if args.external_data else None)
     if args.report:
         try:
@@ -272,8 +297,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calib(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from graphprune.calib import CalibrationError, model_inputs, text_calibration
+
+    if not args.text.is_file():
+        raise CalibrationError(f"text file {args.text} does not exist")
+    names = [v.name for v in model_inputs(load_model(args.model).to_onnx())]
+    feeds = text_calibration(args.text, args.tokenizer, names, seq=args.seq, samples=args.samples)
+    with open(args.output, "wb") as handle:
+        np.savez(handle, **feeds)
+    console.print(f"wrote {args.output}: {', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())}")
+    return 0
+
+
 COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
-            "demo": cmd_demo}
+            "calib": cmd_calib, "demo": cmd_demo}
 
 
 def print_report(report: Report, output: Path) -> None:

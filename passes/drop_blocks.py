@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune import runtime
@@ -100,14 +99,9 @@ def find_blocks(model: Model) -> list[ResidualBlock]:
 
 def contributions(model: Model, blocks: list[ResidualBlock], seed: int = 0) -> np.ndarray:
     """RMS(branch) / RMS(skip) of every block on seeded sample inputs."""
-    proto = model.to_onnx()
     names = list(dict.fromkeys(t.name for b in blocks for t in (b.branch, b.skip)))
     tensors = model.tensors()
-    present = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(
-        onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensors[name].dtype)),
-                                           None)
-        for name in names if name not in present)
+    proto = runtime.with_outputs(model.to_onnx(), {name: tensors[name].dtype for name in names})
     feeds = runtime.sample_inputs(proto, seed=seed)
     values = dict(zip(names, runtime.session(proto).run(names, feeds), strict=True))
 

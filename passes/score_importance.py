@@ -8,6 +8,8 @@ from typing import Literal
 
 import numpy as np
 
+from graphprune.activation import activation_scores
+from graphprune.calib import RANDOM_SAMPLES, random_calibration
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
@@ -15,7 +17,7 @@ from graphprune.plan import Importance, unit_rows
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["l1", "l2", "random", "saliency"]
+Kind = Literal["l1", "l2", "random", "saliency", "activation"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class ScoreImportancePass(AnalysisPass):
     in `am.context["saliency"]` (e.g. the Taylor terms dL/dw * w from torch autograd).
     Changes/Preserves: nothing (analysis). Result: `Importance`.
     Options: kind = l1 (sum |w|) | l2 (sqrt of sum w^2) | random (baseline, seeded) | saliency
-    (|sum of the given per-weight contributions| per unit); seed.
+    (|sum of the given per-weight contributions| per unit) | activation (Wanda-style: weights that
+    consume the unit times its activation norms on `am.context["calibration"]`, or on seeded
+    random inputs when none is given; see graphprune.activation); seed.
 
     Every member counts: producer rows, consumer columns, biases and norm parameters, so a unit
     scores zero only when all of its weights are zero. Divisors do not count (a zero divisor makes
@@ -59,7 +63,15 @@ class ScoreImportancePass(AnalysisPass):
                               "(pass saliency=... to graphprune.prune)")
         tensors = model.tensors()
         scores: dict[int, np.ndarray] = {}
+        if kind == "activation":
+            feeds = am.context.get("calibration")
+            if feeds is None:
+                logger.info("no calibration data: activation scores use %d seeded random samples", RANDOM_SAMPLES)
+                feeds = random_calibration(model.to_onnx(), seed=self.options.seed)
+            scores = activation_scores(model, deps, feeds)
         for group in deps.prunable:
+            if group.id in scores:
+                continue
             if kind == "random":
                 scores[group.id] = rng.random(group.units)
                 continue
@@ -71,6 +83,8 @@ class ScoreImportancePass(AnalysisPass):
                 else:
                     scores[group.id] = np.abs(sum(t.sum(axis=1) for t in terms))
                 continue
-            scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.scored_weights], kind)
+            magnitude = "l1" if kind == "l1" else "l2"  # activation: groups no weight reads fall back to l2
+            scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.scored_weights],
+                                          magnitude)
         return Importance(kind, scores)
 

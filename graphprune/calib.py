@@ -1,0 +1,111 @@
+"""Calibration data: real inputs for data-aware importance scores (and, later, reconstruction).
+
+`--calib FILE.npz` holds one array per model input, named after it, first axis = samples;
+`--calib random` draws seeded random inputs of the model's input shapes. For text models,
+`text_calibration` turns lines of a text file into token inputs with the model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from graphprune import runtime
+from graphprune.errors import GraphpruneError
+from graphprune.ir import first_line
+
+#: samples drawn for `--calib random`
+RANDOM_SAMPLES = 32
+
+
+class CalibrationError(GraphpruneError):
+    """Calibration data that does not fit the model (missing inputs, wrong shapes, bad file)."""
+
+
+def model_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in proto.graph.initializer}
+    return [v for v in proto.graph.input if v.name not in initializers]
+
+
+def load_calibration(path: Path, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Arrays for every model input from an .npz file, checked against the input types and shapes."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name]) for name in data.files}
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration file {path} does not exist") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationError(f"calibration file {path} is not a readable .npz archive: {first_line(exc)}") from exc
+    feeds: dict[str, np.ndarray] = {}
+    samples = None
+    for value in model_inputs(proto):
+        if value.name not in arrays:
+            raise CalibrationError(f"calibration file {path} has no array '{value.name}' (it has: "
+                                   f"{', '.join(sorted(arrays)) or 'nothing'})")
+        array = arrays[value.name]
+        ttype = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        if array.ndim != len(dims) or any(d is not None and a != d for a, d in zip(array.shape[1:], dims[1:],
+                                                                                    strict=False)):
+            raise CalibrationError(f"calibration array '{value.name}' has shape {list(array.shape)}; the model "
+                                   f"wants {['?' if d is None else d for d in dims]} (first axis: samples)")
+        if samples is not None and array.shape[0] != samples:
+            raise CalibrationError(f"calibration arrays disagree on the number of samples ({samples} vs "
+                                   f"{array.shape[0]} in '{value.name}')")
+        samples = array.shape[0]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if array.dtype != dtype and not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise CalibrationError(f"calibration array '{value.name}' is {array.dtype}; the model wants {dtype}")
+        feeds[value.name] = array.astype(dtype, copy=False)
+    if not samples:
+        raise CalibrationError(f"calibration file {path} holds no samples")
+    return feeds
+
+
+def random_calibration(proto: onnx.ModelProto, samples: int = RANDOM_SAMPLES, seed: int = 0,
+                       dynamic_dim: int = runtime.DEFAULT_DYNAMIC_DIM) -> dict[str, np.ndarray]:
+    """Seeded random inputs; the first axis holds `samples`, other symbolic dims `dynamic_dim`."""
+    feeds = runtime.sample_inputs(proto, seed=seed, dynamic_dim=dynamic_dim)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, array in feeds.items():
+        shape = (samples,) + array.shape[1:] if array.ndim else (samples,)
+        if np.issubdtype(array.dtype, np.floating):
+            out[name] = rng.standard_normal(shape).astype(array.dtype)
+        elif array.dtype == np.bool_:
+            out[name] = rng.random(shape) < 0.5
+        else:
+            out[name] = rng.integers(0, 2, size=shape).astype(array.dtype)
+    return out
+
+
+def text_calibration(text_file: Path, tokenizer_path: str, input_names: list[str], seq: int = 128,
+                     samples: int | None = None) -> dict[str, np.ndarray]:
+    """Token inputs (`input_ids`, `attention_mask`, `token_type_ids` as the model takes them) from the
+    non-empty lines of a text file, with a Hugging Face tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)  # never the network
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"cannot load a tokenizer from {tokenizer_path}: {first_line(exc)}") from exc
+    lines = [line.strip() for line in Path(text_file).read_text().splitlines() if line.strip()]
+    if samples is not None:
+        lines = lines[:samples]
+    if not lines:
+        raise CalibrationError(f"{text_file} has no text lines")
+    encoded = tokenizer(lines, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+    missing = [name for name in input_names if name not in encoded]
+    if missing:
+        raise CalibrationError(f"the tokenizer gives {', '.join(encoded)}, not {', '.join(missing)}")
+    return {name: np.asarray(encoded[name], dtype=np.int64) for name in input_names}
+
+
+def batches(feeds: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+    count = len(next(iter(feeds.values())))
+    for start in range(0, count, size):
+        yield {name: array[start:start + size] for name, array in feeds.items()}

@@ -1,0 +1,127 @@
+"""Calibration data (--calib) and activation-aware importance."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import graphprune
+from graphprune.activation import activation_scores
+from graphprune.calib import CalibrationError, load_calibration, random_calibration
+from graphprune.cli import main
+from graphprune.deps import analyze
+from graphprune.testing import model_from_text
+
+MLP = """
+# weights: w1 b1 w2
+<ir_version: 10, opset_import: ["" : 20]>
+mlp (float[N, 4] x, float[4, 6] w1, float[6] b1, float[6, 3] w2) => (float[N, 3] y)
+{
+  m = MatMul (x, w1)
+  h = Add (m, b1)
+  r = Relu (h)
+  y = MatMul (r, w2)
+}"""
+
+
+def _mlp():
+    model = model_from_text(MLP)
+    consts = model.constants()
+    b1 = np.zeros(6, np.float32)
+    b1[0] = -100.0  # unit 0 never fires: relu(h0) == 0 on any reasonable input
+    consts["b1"].values = b1
+    w2 = np.asarray(consts["w2"].values).copy()
+    w2[0] *= 50  # ... but has by far the largest weights
+    consts["w2"].values = w2
+    model.infer_shapes()
+    return model
+
+
+def test_activation_scores_follow_the_wanda_formula_and_see_dead_activations() -> None:
+    model = _mlp()
+    deps = analyze(model)
+    (group,) = deps.prunable
+    feeds = random_calibration(model.to_onnx(), samples=64, seed=3)
+    scores = activation_scores(model, deps, feeds)[group.id]
+    x = feeds["x"].astype(np.float64)
+    consts = model.constants()
+    r = np.maximum(x @ consts["w1"].values + consts["b1"].values, 0)
+    expected = np.sqrt(np.square(r).sum(axis=0)) * np.abs(consts["w2"].values).sum(axis=1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert scores.argmin() == 0
+    l2 = graphprune.api.preview(model, ratio=0.5, importance="l2")[1][group.id]
+    assert l2 == 3
+    pruned = _mlp()
+    graphprune.prune(pruned, ratio=0.5, importance="activation", calibration=feeds)
+    assert pruned.constants()["w2"].values.shape == (3, 3)
+    kept_rows = pruned.constants()["w2"].values
+    assert not np.any(np.all(np.isclose(kept_rows, consts["w2"].values[0]), axis=1))  # unit 0 went
+
+
+def test_calibration_files_are_checked(tmp_path) -> None:
+    proto = _mlp().to_onnx()
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((5, 4), np.float32))
+    assert load_calibration(good, proto)["x"].shape == (5, 4)
+    cases = {
+        "missing.npz": None,
+        "garbage.npz": b"not a zip archive",
+        "other.npz": {"z": np.zeros((5, 4), np.float32)},
+        "shape.npz": {"x": np.zeros((5, 3), np.float32)},
+        "dtype.npz": {"x": np.zeros((5, 4), np.complex64)},
+        "empty.npz": {"x": np.zeros((0, 4), np.float32)},
+    }
+    messages = {"missing.npz": "does not exist", "garbage.npz": "not a readable .npz",
+                "other.npz": "has no array 'x' (it has: z)", "shape.npz": "has shape [5, 3]",
+                "dtype.npz": "is complex64", "empty.npz": "holds no samples"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            np.savez(path, **content)
+        with pytest.raises(CalibrationError, match=re.escape(messages[name])):
+            load_calibration(path, proto)
+
+
+def test_cli_activation_importance_with_calibration(tmp_path, trained_simple_net, capsys) -> None:
+    path = trained_simple_net.path
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=trained_simple_net.x.numpy()[:64])
+    for spec in (str(calib), "random"):
+        out = tmp_path / "p.onnx"
+        assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--importance", "activation",
+                     "--calib", spec]) == 0
+        assert graphprune.load_model(out).param_count() == 220
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, y=np.zeros((2, 10), np.float32))
+    before = path.read_bytes()
+    assert main(["prune", str(path), "-o", str(tmp_path / "q.onnx"), "--ratio", "0.5", "--importance",
+                 "activation", "--calib", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no array 'x'" in err
+    assert not (tmp_path / "q.onnx").exists() and path.read_bytes() == before
+
+
+def test_cli_calib_turns_text_into_token_inputs(tmp_path, capsys) -> None:
+    from graphprune.models.minilm import english_sentences, model_path
+
+    model = model_from_text("""
+    <ir_version: 10, opset_import: ["" : 20]>
+    tokens (int64[N, S] input_ids, int64[N, S] attention_mask) => (int64[N, S] y)
+    {
+      y = Add (input_ids, attention_mask)
+    }""")
+    onnx_path = graphprune.save_model(model, tmp_path / "m.onnx")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(english_sentences()[:12]))
+    out = tmp_path / "calib.npz"
+    assert main(["calib", str(text), "--model", str(onnx_path), "--tokenizer", model_path(), "-o", str(out),
+                 "--seq", "32", "--samples", "10"]) == 0
+    feeds = load_calibration(out, model.to_onnx())
+    assert feeds["input_ids"].shape == (10, 32) and feeds["attention_mask"].sum(axis=1).min() > 5
+    assert main(["calib", str(tmp_path / "none.txt"), "--model", str(onnx_path), "--tokenizer", model_path(),
+                 "-o", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
