@@ -16,7 +16,7 @@ from graphprune.plan import make_plan, validate_budget
 def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
                    round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None,
                    weight_threshold: float | None = None, seed: int = 0, prune_hidden: bool = False,
-                   drop_blocks: int | None = None) -> str:
+                   drop_blocks: int | None = None, reconstruct: bool = False) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
     structural = ratio is not None or threshold is not None
     unstructured = sparsity is not None or weight_threshold is not None
@@ -27,6 +27,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         raise OptionError("give only one of sparsity and weight-threshold")
     if prune_hidden and not structural:
         raise OptionError("--prune-hidden needs --ratio or --threshold")
+    if reconstruct and not structural:
+        raise OptionError("--reconstruct needs --ratio or --threshold")
     if drop_blocks is not None and drop_blocks < 0:
         raise OptionError(f"--drop-blocks must be >= 0, got {drop_blocks}")
     stages = [f"drop-blocks{{count={drop_blocks},seed={seed}}}"] if drop_blocks else []
@@ -36,6 +38,7 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         rounding = ("" if round_to is None else f",round_to={round_to}") + (
             "" if round_mode == "up" else f",round_mode={round_mode}") + (",hidden=true" if prune_hidden else "")
         stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
+        stages += ["reconstruct"] if reconstruct else []
     if unstructured:
         amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
         stages.append(f"sparsify{{{amount}}}")

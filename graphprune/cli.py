@@ -55,6 +55,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-hidden", action="store_true",
                    help="also prune the hidden size (the residual stream of a transformer: embeddings, "
                         "norms, every projection); off by default")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after pruning, refit the layers that read removed units by least squares on the "
+                        "--calib inputs so their outputs match the dense model's")
     p.add_argument("--drop-blocks", type=int, metavar="N",
                    help="remove the N residual sub-blocks (attention or MLP) that contribute least")
     weights = p.add_mutually_exclusive_group()
@@ -178,7 +181,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_paths(args.input, args.output, args.report)
     shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
                  "weight_threshold": args.weight_threshold, "drop_blocks": args.drop_blocks,
-                 "prune_hidden": args.prune_hidden or None}
+                 "prune_hidden": args.prune_hidden or None, "reconstruct": args.reconstruct or None}
     if args.pipeline:
         given = [k for k, v in shortcuts.items() if v is not None]
         if given:
@@ -186,7 +189,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options = {}
     else:
         options = dict(shortcuts, importance=args.importance, round_to=args.round_to, round_mode=args.round_mode,
-                       prune_hidden=args.prune_hidden)
+                       prune_hidden=args.prune_hidden, reconstruct=args.reconstruct)
         api.build_pipeline(**options)  # validate before loading anything
     model = load_model(args.input)
     calibration = _calibration(args.calib, model, args.seed)

@@ -4,6 +4,7 @@ from graphprune.passes.analyze_deps import AnalyzeDepsPass
 from graphprune.passes.cleanup_graph import CleanupGraphPass
 from graphprune.passes.drop_blocks import DropBlocksPass
 from graphprune.passes.prune_units import PruneUnitsPass
+from graphprune.passes.reconstruct import ReconstructPass
 from graphprune.passes.score_importance import ScoreImportancePass
 from graphprune.passes.sparsify_weights import SparsifyWeightsPass
 from graphprune.passes.unshare_constants import UnshareConstantsPass
@@ -14,6 +15,7 @@ __all__ = [
     "CleanupGraphPass",
     "DropBlocksPass",
     "PruneUnitsPass",
+    "ReconstructPass",
     "ScoreImportancePass",
     "SparsifyWeightsPass",
     "UnshareConstantsPass",

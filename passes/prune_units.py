@@ -54,6 +54,8 @@ class PruneUnitsPass(RewritePass):
             # exact removal only: a zero unit still shifts a normalization's mean and variance
             deps = replace(deps, groups=tuple(g if g.exact else replace(g, frozen=("inexact",))
                                               for g in deps.groups))
+        if am.context.get("keep_unpruned"):  # a later `reconstruct` fits against the model as it was
+            am.context["unpruned"] = model.copy()
         plan = make_plan(deps, importance, self.options.ratio, self.options.threshold, self.options.round_to,
                          self.options.round_mode, self.options.hidden)
         if not plan.kept:

@@ -125,3 +125,44 @@ def test_cli_calib_turns_text_into_token_inputs(tmp_path, capsys) -> None:
     assert main(["calib", str(tmp_path / "none.txt"), "--model", str(onnx_path), "--tokenizer", model_path(),
                  "-o", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reconstruct_refits_the_consumer_by_least_squares() -> None:
+    """After half the hidden units go, the second layer is refit on calibration data: its weights
+    are the ridge solution of the kept activations against the dense outputs, and the pruned
+    model's output error on held-out inputs drops."""
+    from graphprune import runtime
+
+    dense = model_from_text(MLP, seed=4)
+    calib = random_calibration(dense.to_onnx(), samples=256, seed=1)
+    held_out = random_calibration(dense.to_onnx(), samples=64, seed=2)
+    reference = runtime.run(dense.to_onnx(), held_out)[0]
+
+    def error(model) -> float:
+        return float(np.mean(np.square(runtime.run(model.to_onnx(), held_out)[0] - reference)))
+
+    plain, refit = model_from_text(MLP, seed=4), model_from_text(MLP, seed=4)
+    graphprune.prune(plain, ratio=0.5, calibration=calib)
+    report = graphprune.prune(refit, ratio=0.5, calibration=calib, reconstruct=True)
+    stats = next(p.stats for p in report.passes if p.name == "reconstruct")
+    assert report.verified and stats["layers_refit"] == 1
+    assert stats["relative_error_after"][0] < stats["relative_error_before"][0]
+    assert error(refit) < 0.8 * error(plain)
+    # the refit weights are the ridge least-squares solution
+    kept = plain.constants()["w1"].values  # same units kept in both (same l2 scores)
+    consts = dense.constants()
+    x = calib["x"].astype(np.float64)
+    hidden = np.maximum(x @ consts["w1"].values + consts["b1"].values, 0)
+    columns = [next(j for j in range(6) if np.array_equal(consts["w1"].values[:, j], kept[:, i]))
+               for i in range(kept.shape[1])]
+    xk, y = hidden[:, columns], hidden @ consts["w2"].values
+    gram = xk.T @ xk
+    expected = np.linalg.solve(gram + 0.01 * np.mean(np.diag(gram)) * np.eye(len(gram)), xk.T @ y)
+    np.testing.assert_allclose(refit.constants()["w2"].values, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reconstruct_needs_a_prune_before_it() -> None:
+    from graphprune.errors import OptionError
+
+    with pytest.raises(OptionError, match="must follow prune-units"):
+        graphprune.prune(model_from_text(MLP), "reconstruct,verify")
