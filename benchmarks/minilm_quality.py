@@ -2,7 +2,7 @@
 
     pip install -c constraints.txt -e '.[bench]'
     python benchmarks/minilm_quality.py [--ratios 0.5,0.25] [--calib 256] [--eval 256]
-        [--kinds l2,activation] [--out benchmarks/results/minilm_quality.json]
+        [--kinds l2,activation,taylor] [--out benchmarks/results/minilm_quality.json]
 
 Calibration: the first `--calib` sentences of Python's bundled documentation; evaluation: `--eval`
 other sentences from further down the same text (never used for calibration). Per variant: mean

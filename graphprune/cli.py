@@ -42,8 +42,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--ratio", type=float, help="fraction of units removed in each group, in [0, 1)")
     budget.add_argument("--threshold", type=float,
                         help="remove every unit whose group importance is <= EPS (0: lossless dead-unit removal)")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation"), default="l2",
-                   help="unit score (default l2); activation: weights times activation norms on --calib data")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor"), default="l2",
+                   help="unit score (default l2); activation: weights times activation norms on --calib data; "
+                        "taylor: first-order output change, by gradients through the lowered graph")
     p.add_argument("--calib", metavar="FILE.npz|random",
                    help="calibration inputs: an .npz with one array per model input (first axis: samples), "
                         "or 'random' (seeded random inputs); used by --importance activation")
@@ -79,7 +80,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
     budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation"), default="l2")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor"), default="l2")
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
     p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")

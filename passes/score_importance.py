@@ -14,10 +14,11 @@ from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 from graphprune.plan import Importance, unit_rows
+from graphprune.taylor import taylor_scores
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["l1", "l2", "random", "saliency", "activation"]
+Kind = Literal["l1", "l2", "random", "saliency", "activation", "taylor"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class ScoreImportancePass(AnalysisPass):
     Options: kind = l1 (sum |w|) | l2 (sqrt of sum w^2) | random (baseline, seeded) | saliency
     (|sum of the given per-weight contributions| per unit) | activation (Wanda-style: weights that
     consume the unit times its activation norms on `am.context["calibration"]`, or on seeded
-    random inputs when none is given; see graphprune.activation); seed.
+    random inputs when none is given; see graphprune.activation) | taylor (expected squared
+    first-order output change of removing the unit, by gradients through the lowered graph on the
+    same calibration inputs; see graphprune.taylor); seed.
 
     Every member counts: producer rows, consumer columns, biases and norm parameters, so a unit
     scores zero only when all of its weights are zero. Divisors do not count (a zero divisor makes
@@ -63,12 +66,13 @@ class ScoreImportancePass(AnalysisPass):
                               "(pass saliency=... to graphprune.prune)")
         tensors = model.tensors()
         scores: dict[int, np.ndarray] = {}
-        if kind == "activation":
+        if kind in ("activation", "taylor"):
             feeds = am.context.get("calibration")
             if feeds is None:
-                logger.info("no calibration data: activation scores use %d seeded random samples", RANDOM_SAMPLES)
+                logger.info("no calibration data: %s scores use %d seeded random samples", kind, RANDOM_SAMPLES)
                 feeds = random_calibration(model.to_onnx(), seed=self.options.seed)
-            scores = activation_scores(model, deps, feeds)
+            scores = (activation_scores(model, deps, feeds) if kind == "activation"
+                      else taylor_scores(model, deps, feeds, seed=self.options.seed))
         for group in deps.prunable:
             if group.id in scores:
                 continue

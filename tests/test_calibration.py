@@ -166,3 +166,29 @@ def test_reconstruct_needs_a_prune_before_it() -> None:
 
     with pytest.raises(OptionError, match="must follow prune-units"):
         graphprune.prune(model_from_text(MLP), "reconstruct,verify")
+
+
+def test_taylor_scores_estimate_the_squared_output_change() -> None:
+    """For y = relu(x W1 + b1) W2, removing hidden unit u changes y by 2 r_u W2[u] to first order
+    (r_u: the unit's activation; W2 and the relu-scaled W1 column each give one r_u W2[u]), so the
+    label-free Taylor score is 4 * sum over samples of r_u^2 * ||W2[u]||^2."""
+    from graphprune.taylor import taylor_scores
+
+    model = _mlp()
+    deps = analyze(model)
+    (group,) = deps.prunable
+    feeds = random_calibration(model.to_onnx(), samples=64, seed=3)
+    scores = taylor_scores(model, deps, feeds, draws=400, batch=64)[group.id]
+    consts = model.constants()
+    r = np.maximum(feeds["x"].astype(np.float64) @ consts["w1"].values + consts["b1"].values, 0)
+    expected = 4 * np.square(r).sum(axis=0) * np.square(consts["w2"].values).sum(axis=1)
+    assert scores[0] == 0 and expected[0] == 0  # the unit that never fires
+    np.testing.assert_allclose(scores[1:], expected[1:], rtol=0.25)
+    assert np.array_equal(np.argsort(scores), np.argsort(expected))
+
+
+def test_cli_taylor_importance(tmp_path, trained_simple_net) -> None:
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(trained_simple_net.path), "-o", str(out), "--ratio", "0.5", "--importance",
+                 "taylor", "--calib", "random", "--reconstruct"]) == 0
+    assert graphprune.load_model(out).param_count() == 220
