@@ -16,7 +16,9 @@ from graphprune.plan import make_plan, validate_budget
 def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
                    round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None,
                    weight_threshold: float | None = None, seed: int = 0, prune_hidden: bool = False,
-                   drop_blocks: int | None = None, reconstruct: bool = False) -> str:
+                   drop_blocks: int | None = None, reconstruct: bool = False, allocation: str = "uniform",
+                   head_ratio: float | None = None, ffn_ratio: float | None = None,
+                   channel_ratio: float | None = None) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
     structural = ratio is not None or threshold is not None
     unstructured = sparsity is not None or weight_threshold is not None
@@ -37,6 +39,9 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
         rounding = ("" if round_to is None else f",round_to={round_to}") + (
             "" if round_mode == "up" else f",round_mode={round_mode}") + (",hidden=true" if prune_hidden else "")
+        rounding += "" if allocation == "uniform" else f",allocation={allocation}"
+        for key, value in (("head_ratio", head_ratio), ("neuron_ratio", ffn_ratio), ("channel_ratio", channel_ratio)):
+            rounding += "" if value is None else f",{key}={value}"
         stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
         stages += ["reconstruct"] if reconstruct else []
     if unstructured:

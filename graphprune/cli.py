@@ -56,6 +56,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-hidden", action="store_true",
                    help="also prune the hidden size (the residual stream of a transformer: embeddings, "
                         "norms, every projection); off by default")
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="uniform: --ratio of every group (default); global: units of a kind compete across "
+                        "groups by normalized importance (at most 90%% of any group)")
+    p.add_argument("--head-ratio", type=float, help="ratio for attention heads (replaces --ratio there)")
+    p.add_argument("--ffn-ratio", type=float, help="ratio for FFN/MLP neurons (replaces --ratio there)")
+    p.add_argument("--channel-ratio", type=float, help="ratio for conv channels (replaces --ratio there)")
     p.add_argument("--reconstruct", action="store_true",
                    help="after pruning, refit the layers that read removed units by least squares on the "
                         "--calib inputs so their outputs match the dense model's")
@@ -190,7 +196,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options = {}
     else:
         options = dict(shortcuts, importance=args.importance, round_to=args.round_to, round_mode=args.round_mode,
-                       prune_hidden=args.prune_hidden, reconstruct=args.reconstruct)
+                       prune_hidden=args.prune_hidden, reconstruct=args.reconstruct, allocation=args.allocation,
+                       head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio, channel_ratio=args.channel_ratio)
         api.build_pipeline(**options)  # validate before loading anything
     model = load_model(args.input)
     calibration = _calibration(args.calib, model, args.seed)

@@ -82,27 +82,81 @@ def validate_budget(ratio: float | None, threshold: float | None, round_to: int 
         raise OptionError(f"round_to must be >= 1, got {round_to}")
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
 def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = None,
               threshold: float | None = None, round_to: int | None = None, round_mode: str = "up",
-              hidden: bool = False) -> Plan:
+              hidden: bool = False, allocation: str = "uniform", max_group_ratio: float = 0.9,
+              kind_ratios: Mapping[str, float] | None = None) -> Plan:
     """Keep the highest-scored units of each prunable group; never remove every unit. Groups of an
-    opt-in kind (the hidden size) are left whole unless `hidden`."""
+    opt-in kind (the hidden size) are left whole unless `hidden`.
+
+    `uniform` removes `ratio` of the units of every group. `global` removes `ratio` of all units of a
+    kind (heads with heads, neurons with neurons), lowest first, ranking them across groups by their
+    score divided by the mean score of their group, and takes at most `max_group_ratio` of any one
+    group. `kind_ratios` overrides `ratio` per unit kind ("head", "neuron", "channel", ...).
+    """
     validate_budget(ratio, threshold, round_to)
+    if allocation not in ALLOCATIONS:
+        raise OptionError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'")
+    if not 0 < max_group_ratio <= 1:
+        raise OptionError(f"max_group_ratio must be in (0, 1], got {max_group_ratio}")
+    for kind, value in (kind_ratios or {}).items():
+        if not 0 <= value < 1:
+            raise OptionError(f"the ratio for {kind} units must be in [0, 1), got {value}")
+    groups = [g for g in deps.prunable if g.kind not in OPT_IN_KINDS or hidden]
+    scores = {g.id: np.asarray(importance.scores[g.id], dtype=np.float64) for g in groups}
+
+    def ratio_of(group: Group) -> float | None:
+        return (kind_ratios or {}).get(group.kind, ratio)
+
+    counts: dict[int, int] = {}
+    if ratio is not None and allocation == "global":
+        counts = _global_counts(groups, scores, ratio_of, max_group_ratio, round_to, round_mode)
     kept: dict[int, np.ndarray] = {}
-    for group in deps.prunable:
-        if group.kind in OPT_IN_KINDS and not hidden:
-            continue
-        scores = np.asarray(importance.scores[group.id], dtype=np.float64)
+    for group in groups:
+        values = scores[group.id]
         # stable ordering: by score descending, lower index first among equals
-        ranking = np.lexsort((np.arange(len(scores)), -scores))
-        if ratio is not None:
-            keep = kept_count(group.units, ratio, round_to, round_mode)
+        ranking = np.lexsort((np.arange(len(values)), -values))
+        if group.id in counts:
+            keep = counts[group.id]
+        elif ratio is not None:
+            keep = kept_count(group.units, ratio_of(group), round_to, round_mode)
         else:
             # a threshold means "every unit scoring <= EPS": only an explicit round_to rounds it
-            keep = round_up(int(np.count_nonzero(scores > threshold)), group.units, round_to or 1)
+            keep = round_up(int(np.count_nonzero(values > threshold)), group.units, round_to or 1)
         if keep < group.units:
             kept[group.id] = np.sort(ranking[:keep])
     return Plan(kept)
+
+
+def _global_counts(groups: list[Group], scores: Mapping[int, np.ndarray], ratio_of, max_group_ratio: float,
+                   round_to: int | None, round_mode: str) -> dict[int, int]:
+    """Units kept per group when each kind's units compete across groups (see `make_plan`)."""
+    counts: dict[int, int] = {}
+    by_kind: dict[str, list[Group]] = {}
+    for group in groups:
+        by_kind.setdefault(group.kind, []).append(group)
+    for members in by_kind.values():
+        pool = []  # (normalized score, group id)
+        for group in members:
+            values = scores[group.id]
+            mean = float(np.mean(values)) if np.mean(values) > 0 else 1.0
+            pool += [(v / mean, group.id) for v in values]
+        budget = math.floor(sum(g.units for g in members) * ratio_of(members[0]) + 1e-9)
+        removable = {g.id: min(g.units - 1, math.floor(g.units * max_group_ratio + 1e-9)) for g in members}
+        removed = dict.fromkeys(removable, 0)
+        for _, group_id in sorted(pool, key=lambda item: item[0]):
+            if budget == 0:
+                break
+            if removed[group_id] < removable[group_id]:
+                removed[group_id] += 1
+                budget -= 1
+        for group in members:
+            share = removed[group.id] / group.units
+            counts[group.id] = kept_count(group.units, share, round_to, round_mode) if share else group.units
+    return counts
 
 
 def group_label(group: Group) -> str:

@@ -19,6 +19,11 @@ class PruneOptions:
     round_to: int | None = None
     round_mode: Literal["up", "down"] = "up"
     hidden: bool = False
+    allocation: Literal["uniform", "global"] = "uniform"
+    max_group_ratio: float = 0.9
+    head_ratio: float | None = None
+    neuron_ratio: float | None = None
+    channel_ratio: float | None = None
 
 
 @register
@@ -33,7 +38,10 @@ class PruneUnitsPass(RewritePass):
     scoring <= threshold); round_to (kept counts are multiples of it; default: 8 for groups of 32+
     units, which ORT's CPU kernels run fastest, 1 below); round_mode (up: never remove more than
     the ratio; down: Torch-Pruning's convention, remove at least the ratio); hidden (also prune the
-    residual stream: the group of normalized feature axes, off by default). Never removes every unit.
+    residual stream: the group of normalized feature axes, off by default); allocation (uniform: the
+    ratio in every group; global: units of a kind compete across groups by normalized score, at most
+    max_group_ratio of a group); head_ratio, neuron_ratio, channel_ratio (per-kind ratios that
+    replace `ratio` for those groups). Never removes every unit.
     """
 
     name = "prune-units"
@@ -47,6 +55,11 @@ class PruneUnitsPass(RewritePass):
     def check(self, model: Model, am: AnalysisManager) -> None:
         validate_budget(self.options.ratio, self.options.threshold, self.options.round_to)
 
+    def _kind_ratios(self) -> dict[str, float]:
+        given = {"head": self.options.head_ratio, "neuron": self.options.neuron_ratio,
+                 "channel": self.options.channel_ratio}
+        return {kind: value for kind, value in given.items() if value is not None}
+
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         deps: Dependencies = am.get("analyze-deps", model)
         importance = am.get("score-importance", model)
@@ -57,7 +70,8 @@ class PruneUnitsPass(RewritePass):
         if am.context.get("keep_unpruned"):  # a later `reconstruct` fits against the model as it was
             am.context["unpruned"] = model.copy()
         plan = make_plan(deps, importance, self.options.ratio, self.options.threshold, self.options.round_to,
-                         self.options.round_mode, self.options.hidden)
+                         self.options.round_mode, self.options.hidden, self.options.allocation,
+                         self.options.max_group_ratio, self._kind_ratios())
         if not plan.kept:
             return PassResult(False, {"groups_pruned": 0, "units_removed": 0})
         stats = apply_plan(model, deps, plan)

@@ -1,0 +1,72 @@
+"""Budget allocation: uniform, global (units of a kind compete across groups), per-kind ratios."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphprune
+from graphprune.deps import analyze
+from graphprune.errors import OptionError
+from graphprune.plan import Importance, make_plan
+from graphprune.testing import model_from_text
+
+TWO_LAYERS = """
+# weights: w1 w2 w3
+<ir_version: 10, opset_import: ["" : 20]>
+two (float[N, 4] x, float[4, 6] w1, float[6, 6] w2, float[6, 3] w3) => (float[N, 3] y)
+{
+  a = MatMul (x, w1)
+  ra = Relu (a)
+  b = MatMul (ra, w2)
+  rb = Relu (b)
+  y = MatMul (rb, w3)
+}"""
+
+
+def _setup():
+    model = model_from_text(TWO_LAYERS)
+    model.infer_shapes()
+    deps = analyze(model)
+    first, second = deps.prunable
+    return model, deps, first, second
+
+
+def test_global_allocation_ranks_normalized_scores_across_groups() -> None:
+    _, deps, first, second = _setup()
+    # the first group's units are all alike; the second has three nearly useless ones
+    scores = Importance("test", {first.id: np.ones(6), second.id: np.array([1e-3, 2e-3, 3e-3, 1, 1, 1])})
+    uniform = make_plan(deps, scores, ratio=0.25)
+    assert {g: len(k) for g, k in uniform.kept.items()} == {first.id: 5, second.id: 5}
+    plan = make_plan(deps, scores, ratio=0.25, allocation="global")
+    assert first.id not in plan.kept  # 3 of 12 units go, all from the second group
+    assert plan.kept[second.id].tolist() == [3, 4, 5]
+    # at most half of a group may go: the fourth unit comes from the other group
+    capped = make_plan(deps, scores, ratio=1 / 3, allocation="global", max_group_ratio=0.5)
+    assert len(capped.kept[second.id]) == 3 and len(capped.kept[first.id]) == 5
+    # and scale does not matter: multiplying a group's scores changes nothing
+    scaled = Importance("test", {first.id: 1000 * np.ones(6), second.id: scores.scores[second.id]})
+    assert make_plan(deps, scaled, ratio=0.25, allocation="global").kept.keys() == plan.kept.keys()
+
+
+def test_kind_ratios_and_bad_options() -> None:
+    _, deps, first, second = _setup()
+    scores = Importance("test", {first.id: np.arange(6.0), second.id: np.arange(6.0)})
+    plan = make_plan(deps, scores, ratio=0.5, kind_ratios={"neuron": 1 / 3})
+    assert {g: len(k) for g, k in plan.kept.items()} == {first.id: 4, second.id: 4}
+    with pytest.raises(OptionError, match="allocation must be one of"):
+        make_plan(deps, scores, ratio=0.5, allocation="greedy")
+    with pytest.raises(OptionError, match="ratio for neuron units"):
+        make_plan(deps, scores, ratio=0.5, kind_ratios={"neuron": 1.5})
+
+
+def test_cli_global_allocation_with_kind_ratios(tmp_path) -> None:
+    from graphprune.cli import main
+
+    model = model_from_text(TWO_LAYERS)
+    path = graphprune.save_model(model, tmp_path / "m.onnx")
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--allocation", "global",
+                 "--ffn-ratio", "0.25", "--importance", "taylor", "--calib", "random", "--reconstruct"]) == 0
+    weights = graphprune.load_model(out).constants()
+    assert weights["w1"].values.shape[1] + weights["w2"].values.shape[1] == 9  # 3 of 12 neurons went
