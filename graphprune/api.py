@@ -18,9 +18,11 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
                    weight_threshold: float | None = None, seed: int = 0, prune_hidden: bool = False,
                    drop_blocks: int | None = None, reconstruct: bool = False, allocation: str = "uniform",
                    head_ratio: float | None = None, ffn_ratio: float | None = None,
-                   channel_ratio: float | None = None) -> str:
+                   channel_ratio: float | None = None, target_params: float | None = None,
+                   target_flops: float | None = None) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
-    structural = ratio is not None or threshold is not None
+    targets = {k: v for k, v in (("target_params", target_params), ("target_flops", target_flops)) if v is not None}
+    structural = ratio is not None or threshold is not None or bool(targets)
     unstructured = sparsity is not None or weight_threshold is not None
     if not structural and not unstructured and not drop_blocks:
         raise OptionError("nothing to do: give --ratio or --threshold (structured), --drop-blocks (depth) "
@@ -35,8 +37,16 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         raise OptionError(f"--drop-blocks must be >= 0, got {drop_blocks}")
     stages = [f"drop-blocks{{count={drop_blocks},seed={seed}}}"] if drop_blocks else []
     if structural:
-        validate_budget(ratio, threshold, round_to)
-        budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
+        if targets:
+            if len(targets) > 1 or ratio is not None or threshold is not None:
+                raise OptionError("give one budget: --ratio, --threshold, --target-params or --target-flops")
+            (key, value), = targets.items()
+            if not 0 < value < 1:
+                raise OptionError(f"--{key.replace('_', '-')} is the fraction kept, in (0, 1); got {value}")
+            budget = f"{key}={value}"
+        else:
+            validate_budget(ratio, threshold, round_to)
+            budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
         rounding = ("" if round_to is None else f",round_to={round_to}") + (
             "" if round_mode == "up" else f",round_mode={round_mode}") + (",hidden=true" if prune_hidden else "")
         rounding += "" if allocation == "uniform" else f",allocation={allocation}"

@@ -42,6 +42,10 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--ratio", type=float, help="fraction of units removed in each group, in [0, 1)")
     budget.add_argument("--threshold", type=float,
                         help="remove every unit whose group importance is <= EPS (0: lossless dead-unit removal)")
+    budget.add_argument("--target-params", type=float, metavar="F",
+                        help="keep about this fraction of the parameters (the ratio is searched)")
+    budget.add_argument("--target-flops", type=float, metavar="F",
+                        help="keep about this fraction of the FLOPs (the ratio is searched)")
     p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor"), default="l2",
                    help="unit score (default l2); activation: weights times activation norms on --calib data; "
                         "taylor: first-order output change, by gradients through the lowered graph")
@@ -188,7 +192,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_paths(args.input, args.output, args.report)
     shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
                  "weight_threshold": args.weight_threshold, "drop_blocks": args.drop_blocks,
-                 "prune_hidden": args.prune_hidden or None, "reconstruct": args.reconstruct or None}
+                 "prune_hidden": args.prune_hidden or None, "reconstruct": args.reconstruct or None,
+                 "target_params": args.target_params, "target_flops": args.target_flops}
     if args.pipeline:
         given = [k for k, v in shortcuts.items() if v is not None]
         if given:

@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from graphprune import cost
 from graphprune.deps import Dependencies
+from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.plan import make_plan, validate_budget
 from graphprune.rewrite import apply_plan
+
+#: dry runs when searching the ratio for a parameter or FLOP target (0.99 / 2^10 < 0.001)
+BISECTION_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class PruneOptions:
     head_ratio: float | None = None
     neuron_ratio: float | None = None
     channel_ratio: float | None = None
+    target_params: float | None = None  # fraction of the parameters to keep (replaces ratio)
+    target_flops: float | None = None  # fraction of the FLOPs to keep (replaces ratio)
 
 
 @register
@@ -41,7 +48,9 @@ class PruneUnitsPass(RewritePass):
     residual stream: the group of normalized feature axes, off by default); allocation (uniform: the
     ratio in every group; global: units of a kind compete across groups by normalized score, at most
     max_group_ratio of a group); head_ratio, neuron_ratio, channel_ratio (per-kind ratios that
-    replace `ratio` for those groups). Never removes every unit.
+    replace `ratio` for those groups); target_params / target_flops (keep about this fraction of the
+    parameters / FLOPs: the ratio is found by bisection on dry runs, and the result reported).
+    Never removes every unit.
     """
 
     name = "prune-units"
@@ -52,8 +61,54 @@ class PruneUnitsPass(RewritePass):
     def lossless(self) -> bool:
         return self.options.threshold == 0
 
+    def _target(self) -> tuple[str, float] | None:
+        given = [(k, v) for k, v in (("params", self.options.target_params), ("flops", self.options.target_flops))
+                 if v is not None]
+        if len(given) > 1:
+            raise OptionError("give only one of target_params and target_flops")
+        return given[0] if given else None
+
     def check(self, model: Model, am: AnalysisManager) -> None:
-        validate_budget(self.options.ratio, self.options.threshold, self.options.round_to)
+        target = self._target()
+        if target is None:
+            validate_budget(self.options.ratio, self.options.threshold, self.options.round_to)
+            return
+        if self.options.ratio is not None or self.options.threshold is not None:
+            raise OptionError(f"target_{target[0]} replaces ratio and threshold; give one of them")
+        if not 0 < target[1] < 1:
+            raise OptionError(f"target_{target[0]} is the fraction kept, in (0, 1); got {target[1]}")
+
+    def _plan(self, deps: Dependencies, importance, ratio: float | None):
+        return make_plan(deps, importance, ratio, self.options.threshold, self.options.round_to,
+                         self.options.round_mode, self.options.hidden, self.options.allocation,
+                         self.options.max_group_ratio, self._kind_ratios())
+
+    def _ratio_for_target(self, model: Model, deps: Dependencies, importance, measure: str,
+                          fraction: float) -> tuple[float, float]:
+        """Bisect the ratio whose pruned model keeps about `fraction` of the dense cost (dry runs on
+        copies); returns the ratio and the fraction it reaches (never below the target)."""
+        dense = max(getattr(cost.totals(model), measure), 1)
+
+        def kept(ratio: float) -> float:
+            trial = model.copy()
+            plan = self._plan(deps, importance, ratio)
+            if plan.kept:
+                apply_plan(trial, deps, plan)
+            return getattr(cost.totals(trial), measure) / dense
+
+        low, high = 0.0, 0.99
+        reached_high = kept(high)
+        if reached_high > fraction:
+            return high, reached_high  # the closest this model can get: frozen units stay
+        best = (0.0, 1.0)
+        for _ in range(BISECTION_STEPS):
+            middle = (low + high) / 2
+            reached = kept(middle)
+            if reached >= fraction:
+                low, best = middle, (middle, reached)
+            else:
+                high = middle
+        return best
 
     def _kind_ratios(self) -> dict[str, float]:
         given = {"head": self.options.head_ratio, "neuron": self.options.neuron_ratio,
@@ -69,11 +124,16 @@ class PruneUnitsPass(RewritePass):
                                               for g in deps.groups))
         if am.context.get("keep_unpruned"):  # a later `reconstruct` fits against the model as it was
             am.context["unpruned"] = model.copy()
-        plan = make_plan(deps, importance, self.options.ratio, self.options.threshold, self.options.round_to,
-                         self.options.round_mode, self.options.hidden, self.options.allocation,
-                         self.options.max_group_ratio, self._kind_ratios())
+        ratio, target_stats = self.options.ratio, {}
+        target = self._target()
+        if target is not None:
+            measure, fraction = target
+            ratio, reached = self._ratio_for_target(model, deps, importance, measure, fraction)
+            target_stats = {f"target_{measure}": fraction, f"reached_{measure}": round(reached, 4),
+                            "ratio": round(ratio, 4)}
+        plan = self._plan(deps, importance, ratio)
         if not plan.kept:
-            return PassResult(False, {"groups_pruned": 0, "units_removed": 0})
-        stats = apply_plan(model, deps, plan)
+            return PassResult(False, {"groups_pruned": 0, "units_removed": 0, **target_stats})
+        stats = apply_plan(model, deps, plan) | target_stats
         stats["group_units"] = {gid: len(kept) for gid, kept in plan.kept.items()}
         return PassResult(True, stats)

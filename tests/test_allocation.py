@@ -70,3 +70,21 @@ def test_cli_global_allocation_with_kind_ratios(tmp_path) -> None:
                  "--ffn-ratio", "0.25", "--importance", "taylor", "--calib", "random", "--reconstruct"]) == 0
     weights = graphprune.load_model(out).constants()
     assert weights["w1"].values.shape[1] + weights["w2"].values.shape[1] == 9  # 3 of 12 neurons went
+
+
+@pytest.mark.parametrize("measure", ["params", "flops"])
+def test_target_budgets_find_the_ratio(tmp_path, measure: str) -> None:
+    from graphprune.cli import main
+
+    path = graphprune.save_model(model_from_text(TWO_LAYERS), tmp_path / "m.onnx")
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(path), "-o", str(out), f"--target-{measure}", "0.6", "--report", str(report)]) == 0
+    import json
+
+    data = json.loads(report.read_text())
+    stats = next(p["stats"] for p in data["passes"] if p["name"] == "prune-units")
+    reached = data[f"{measure}_after"] / data[f"{measure}_before"]
+    assert stats[f"reached_{measure}"] == pytest.approx(reached, abs=1e-3)
+    # 6 -> 5 units per layer keeps 60 of 78 parameters; 4 would keep 44, below the target
+    assert 0.6 <= reached <= 0.78
+    assert main(["prune", str(path), "-o", str(out), "--target-params", "1.5"]) == 1
