@@ -9,6 +9,7 @@ from graphprune import cost
 from graphprune.deps import Dependencies
 from graphprune.errors import OptionError
 from graphprune.ir import Model
+from graphprune.passes.reconstruct import KEEP_UNPRUNED, UNPRUNED
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.plan import make_plan, validate_budget
 from graphprune.rewrite import apply_plan
@@ -122,8 +123,8 @@ class PruneUnitsPass(RewritePass):
             # exact removal only: a zero unit still shifts a normalization's mean and variance
             deps = replace(deps, groups=tuple(g if g.exact else replace(g, frozen=("inexact",))
                                               for g in deps.groups))
-        if am.context.get("keep_unpruned"):  # a later `reconstruct` fits against the model as it was
-            am.context["unpruned"] = model.copy()
+        if am.context.get(KEEP_UNPRUNED):  # a later `reconstruct` fits against the model as it was
+            am.context[UNPRUNED] = model.copy()
         ratio, target_stats = self.options.ratio, {}
         target = self._target()
         if target is not None:
