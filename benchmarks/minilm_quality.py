@@ -20,10 +20,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import graphprune
-from graphprune.models.minilm import embed_onnx, english_sentences, load_encoder, mean_cosine, tokenize
+from graphprune.models.minilm import (
+    embed_onnx,
+    english_sentences,
+    export,
+    load_encoder,
+    mean_cosine,
+    tokenize,
+)
 
 
 def top5_agreement(pruned: np.ndarray, dense: np.ndarray, k: int = 5) -> float:
@@ -41,9 +47,7 @@ def run(ratios: list[float], kinds: list[str], calib_count: int, eval_count: int
     calib = tokenize(list(sentences[:calib_count]), seq)
     held_out = tokenize(list(sentences[-eval_count:]), seq)
     encoder = load_encoder()
-    example = tuple(torch.from_numpy(calib[name][:2]) for name in encoder.input_names)
-    dense = graphprune.save_model(graphprune.from_torch(encoder, example, input_names=encoder.input_names,
-                                                        dynamic_axes=(0, 1)), folder / "dense.onnx")
+    dense = graphprune.save_model(export(encoder, calib), folder / "dense.onnx")
     reference = embed_onnx(dense, held_out)
     rows = []
     for ratio in ratios:

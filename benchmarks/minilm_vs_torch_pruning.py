@@ -31,6 +31,7 @@ from graphprune.models.minilm import (
     SentenceEncoder,
     embed_onnx,
     english_sentences,
+    export,
     load_encoder,
     mean_cosine,
     tokenize,
@@ -60,10 +61,8 @@ def torch_pruning_variant(encoder: SentenceEncoder, example: dict[str, np.ndarra
     return pruned.eval()
 
 
-def export(encoder: SentenceEncoder, example: dict[str, np.ndarray], path: Path) -> Path:
-    inputs = tuple(torch.from_numpy(example[name][:2]) for name in encoder.input_names)
-    model = graphprune.from_torch(encoder, inputs, input_names=encoder.input_names, dynamic_axes=(0, 1))
-    return graphprune.save_model(model, path)
+def export_to(encoder: SentenceEncoder, feeds: dict[str, np.ndarray], path: Path) -> Path:
+    return graphprune.save_model(export(encoder, feeds), path)
 
 
 def run(ratio: float, runs: int, threads: int, batch: int, seq: int, sentences: int, repeats: int,
@@ -71,11 +70,11 @@ def run(ratio: float, runs: int, threads: int, batch: int, seq: int, sentences: 
     encoder = load_encoder()
     text = list(english_sentences()[:sentences])
     feeds = tokenize(text, seq)
-    variants = {"dense": export(encoder, feeds, folder / "dense.onnx")}
+    variants = {"dense": export_to(encoder, feeds, folder / "dense.onnx")}
     model = graphprune.load_model(variants["dense"])
     graphprune.prune(model, ratio=ratio, importance="l2")
     variants[f"graphprune {ratio:.0%}"] = graphprune.save_model(model, folder / "graphprune.onnx")
-    variants[f"torch-pruning {ratio:.0%}"] = export(torch_pruning_variant(encoder, feeds, ratio), feeds,
+    variants[f"torch-pruning {ratio:.0%}"] = export_to(torch_pruning_variant(encoder, feeds, ratio), feeds,
                                                     folder / "torch-pruning.onnx")
     paths = list(variants.values())
     timed = {k: v[:batch] for k, v in feeds.items()}

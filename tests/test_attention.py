@@ -177,18 +177,14 @@ def test_drop_blocks_refuses_to_drop_every_block(headed_paths, tmp_path, capsys)
 @pytest.fixture(scope="session")
 def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The real all-MiniLM-L6-v2, both exporters, dynamic batch and sequence."""
-    import torch
 
-    from graphprune.models.minilm import english_sentences, load_encoder, tokenize
+    from graphprune.models.minilm import english_sentences, export, load_encoder, tokenize
 
     folder = tmp_path_factory.mktemp("minilm")
     encoder = load_encoder()
     feeds = tokenize(list(english_sentences()[:2]), seq=16)
-    example = tuple(torch.from_numpy(feeds[name]) for name in encoder.input_names)
-    return {exporter: graphprune.save_model(
-        graphprune.from_torch(encoder, example, input_names=encoder.input_names, dynamic_axes=(0, 1),
-                              exporter=exporter), folder / f"minilm-{exporter}.onnx")
-        for exporter in ("dynamo", "torchscript")}
+    return {exporter: graphprune.save_model(export(encoder, feeds, exporter), folder / f"minilm-{exporter}.onnx")
+            for exporter in ("dynamo", "torchscript")}
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
