@@ -3,7 +3,8 @@
 A unit's score is sum_j ||X_j|| * sum_i |W_ij| over the elements j of the unit, for every weight
 W that consumes one of the group's activations X (a MatMul/Gemm/Conv reading X with a weight of
 the same group): a unit matters when large weights meet large activations. ||X_j|| is the L2 norm
-of element j over every calibration sample and position. Groups without such a pair (no weight
+of element j over every calibration sample and position (padding positions of text inputs left
+out: `calib.positions`). Groups without such a pair (no weight
 reads their activations) fall back to the L2 magnitude of their weights.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune import runtime
-from graphprune.calib import batches
+from graphprune.calib import batches, dynamic_sequence, positions
 from graphprune.deps import Dependencies, Group, Member
 from graphprune.ir import Model
 
@@ -67,9 +68,12 @@ def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndar
     for group_pairs in pairs.values():
         for act, _ in group_pairs:
             members[act.tensor].add(act.axis)
-    for batch in batches(feeds, BATCH):
+    for batch in batches(feeds, BATCH, trim=dynamic_sequence(proto)):
         for name, value in zip(names, session.run(names, batch), strict=True):
             value = np.asarray(value, np.float64)
+            mask = positions(batch, value)
+            if mask is not None:  # padding positions count as zero
+                value = value * mask.reshape(mask.shape + (1,) * (value.ndim - 2))
             for axis in members[name]:
                 per_element = np.square(np.moveaxis(value, axis, 0)).reshape(value.shape[axis], -1).sum(axis=1)
                 key = f"{name}#{axis}"

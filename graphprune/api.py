@@ -19,9 +19,10 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
                    drop_blocks: int | None = None, reconstruct: bool = False, allocation: str = "uniform",
                    head_ratio: float | None = None, ffn_ratio: float | None = None,
                    channel_ratio: float | None = None, target_params: float | None = None,
-                   target_flops: float | None = None) -> str:
+                   target_flops: float | None = None, target_latency: float | None = None) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
-    targets = {k: v for k, v in (("target_params", target_params), ("target_flops", target_flops)) if v is not None}
+    targets = {k: v for k, v in (("target_params", target_params), ("target_flops", target_flops),
+                                 ("target_latency", target_latency)) if v is not None}
     structural = ratio is not None or threshold is not None or bool(targets)
     unstructured = sparsity is not None or weight_threshold is not None
     if not structural and not unstructured and not drop_blocks:
@@ -39,7 +40,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
     if structural:
         if targets:
             if len(targets) > 1 or ratio is not None or threshold is not None:
-                raise OptionError("give one budget: --ratio, --threshold, --target-params or --target-flops")
+                raise OptionError("give one budget: --ratio, --threshold, --target-params, --target-flops or "
+                                  "--target-latency")
             (key, value), = targets.items()
             if not 0 < value < 1:
                 raise OptionError(f"--{key.replace('_', '-')} is the fraction kept, in (0, 1); got {value}")
@@ -62,14 +64,16 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
 
 
 def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, np.ndarray] | None = None,
-          calibration: Mapping[str, np.ndarray] | None = None, verify: bool = True,
+          calibration: Mapping[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
+          verify: bool = True,
           progress: Progress | None = None, seed: int = 0, **options) -> Report:
     """Prune `model` in place with a pipeline text or the options of `build_pipeline`.
 
     `saliency` maps initializer names to per-weight contributions (e.g. from
     `frontend.taylor_saliency` + `frontend.saliency_for`) for `importance="saliency"`;
     `calibration` maps input names to sample arrays (first axis: samples; `graphprune.calib`)
-    for `importance="activation"`.
+    for `importance="activation"`, `"taylor"`, `"fisher"` and `reconstruct`; `labels` (one per
+    calibration sample) make taylor/fisher use the task loss.
     """
     if pipeline is not None and options:
         raise OptionError(f"give either a pipeline or options ({', '.join(options)}), not both")
@@ -79,6 +83,8 @@ def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, n
         manager.am.context["saliency"] = dict(saliency)
     if calibration is not None:
         manager.am.context["calibration"] = dict(calibration)
+    if labels is not None:
+        manager.am.context["labels"] = np.asarray(labels)
     return manager.run(model)
 
 

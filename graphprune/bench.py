@@ -65,18 +65,33 @@ def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int 
         first = next(iter(feeds.values()))
         loaded.append((path, model.param_count(), sess, feeds, _rss_mb() - before,
                        first.shape[0] if first.ndim else 1))
-    times: list[list[float]] = [[] for _ in loaded]
-    for _ in range(runs):
-        for i, (_, _, sess, feeds, _, _) in enumerate(loaded):
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            times[i].append(time.perf_counter() - start)
+    times = round_robin([(sess, feeds) for _, _, sess, feeds, _, _ in loaded], runs)
     results = []
     for (path, params, _, _, rss, samples), samples_times in zip(loaded, times, strict=True):
         median = float(np.median(samples_times))
         results.append(BenchResult(str(path), params, _file_bytes(path), samples, median * 1e3,
                                    float(np.percentile(samples_times, 90)) * 1e3, samples / median, rss))
     return results
+
+
+def round_robin(runs_of: list[tuple[object, dict[str, np.ndarray]]], runs: int) -> list[list[float]]:
+    """Seconds per run of each (session, feeds), timed in turns so machine noise hits all alike."""
+    times: list[list[float]] = [[] for _ in runs_of]
+    for _ in range(runs):
+        for i, (sess, feeds) in enumerate(runs_of):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def relative_latency(reference, candidate, feeds: dict[str, np.ndarray], runs: int = 15, warmup: int = 3) -> float:
+    """Median latency of the `candidate` session over the `reference` session's, measured in turns."""
+    for _ in range(warmup):
+        reference.run(None, feeds)
+        candidate.run(None, feeds)
+    ref, cand = round_robin([(reference, feeds), (candidate, feeds)], runs)
+    return float(np.median(cand) / np.median(ref))
 
 
 def bench_table(results: list[BenchResult]) -> Table:

@@ -20,6 +20,9 @@ from graphprune.ir import first_line
 
 #: samples drawn for `--calib random`
 RANDOM_SAMPLES = 32
+#: an array of this name in a calibration .npz (when no model input has the name) holds one label per
+#: sample: Taylor scores then use the task loss
+LABELS = "labels"
 
 
 class CalibrationError(GraphpruneError):
@@ -66,6 +69,14 @@ def load_calibration(path: Path, proto: onnx.ModelProto) -> dict[str, np.ndarray
     return feeds
 
 
+def load_labels(path: Path, proto: onnx.ModelProto) -> np.ndarray | None:
+    """The `labels` array of a calibration file (None when it has none, or when it is a model input)."""
+    if any(v.name == LABELS for v in model_inputs(proto)):
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return np.asarray(data[LABELS]) if LABELS in data.files else None
+
+
 def random_calibration(proto: onnx.ModelProto, samples: int = RANDOM_SAMPLES, seed: int = 0,
                        dynamic_dim: int = runtime.DEFAULT_DYNAMIC_DIM) -> dict[str, np.ndarray]:
     """Seeded random inputs; the first axis holds `samples`, other symbolic dims `dynamic_dim`."""
@@ -105,7 +116,55 @@ def text_calibration(text_file: Path, tokenizer_path: str, input_names: list[str
     return {name: np.asarray(encoded[name], dtype=np.int64) for name in input_names}
 
 
-def batches(feeds: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+#: the input that marks real (1) and padding (0) token positions of a text model
+ATTENTION_MASK = "attention_mask"
+
+
+def positions(feeds: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray | None:
+    """Which [sample, position] rows of an activation are real tokens: the `attention_mask` input as
+    booleans when the activation starts with its [batch, sequence] shape, else None (all rows count).
+
+    Text calibration is padded to a fixed length, so most positions are often padding; fitting or
+    scoring on them would spend the calibration data on states no output uses.
+    """
+    mask = feeds.get(ATTENTION_MASK)
+    if mask is None or mask.ndim != 2 or value.ndim < 3 or value.shape[:2] != mask.shape:
+        return None
+    return mask.astype(bool)
+
+
+def token_rows(feeds: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray:
+    """The activation as [rows, last axis], padding positions left out (see `positions`)."""
+    mask = positions(feeds, value)
+    return value[mask] if mask is not None else value.reshape(-1, value.shape[-1])
+
+
+def dynamic_sequence(proto: onnx.ModelProto) -> bool:
+    """Whether the model takes any sequence length: every [batch, sequence] input has a symbolic axis 1."""
+    mask = [v for v in model_inputs(proto) if v.name == ATTENTION_MASK]
+    if not mask or len(mask[0].type.tensor_type.shape.dim) != 2:
+        return False
+    return all(len(dims) < 2 or not dims[1].HasField("dim_value")
+               for dims in (v.type.tensor_type.shape.dim for v in model_inputs(proto)))
+
+
+def trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch without trailing positions that are padding in every sample (a model with a dynamic
+    sequence axis gives the same states at the real positions, for less work)."""
+    mask = feeds.get(ATTENTION_MASK)
+    if mask is None or mask.ndim != 2 or not mask.any():
+        return feeds
+    length = int(np.flatnonzero(mask.any(axis=0))[-1]) + 1
+    if length == mask.shape[1]:
+        return feeds
+    return {name: array[:, :length] if array.ndim >= 2 and array.shape[:2] == mask.shape else array
+            for name, array in feeds.items()}
+
+
+def batches(feeds: dict[str, np.ndarray], size: int, trim: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive chunks of `size` samples; `trim`: without all-padding trailing positions (only for a
+    model with a dynamic sequence axis, see `dynamic_sequence`)."""
     count = len(next(iter(feeds.values())))
     for start in range(0, count, size):
-        yield {name: array[start:start + size] for name, array in feeds.items()}
+        chunk = {name: array[start:start + size] for name, array in feeds.items()}
+        yield trim_padding(chunk) if trim else chunk

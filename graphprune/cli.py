@@ -46,9 +46,14 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                         help="keep about this fraction of the parameters (the ratio is searched)")
     budget.add_argument("--target-flops", type=float, metavar="F",
                         help="keep about this fraction of the FLOPs (the ratio is searched)")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor"), default="l2",
+    budget.add_argument("--target-latency", type=float, metavar="F",
+                        help="about this fraction of the dense ORT CPU latency, timed on this machine while the "
+                             "ratio is searched (on the first 8 --calib samples, else random inputs)")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher"), default="l2",
                    help="unit score (default l2); activation: weights times activation norms on --calib data; "
-                        "taylor: first-order output change, by gradients through the lowered graph")
+                        "taylor: first-order loss change, by gradients through the lowered graph (task loss "
+                        "when the --calib .npz has a 'labels' array, else output change along random "
+                        "directions); fisher: its squared form")
     p.add_argument("--calib", metavar="FILE.npz|random",
                    help="calibration inputs: an .npz with one array per model input (first axis: samples), "
                         "or 'random' (seeded random inputs); used by --importance activation")
@@ -90,7 +95,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
     budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor"), default="l2")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher"), default="l2")
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
     p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")
@@ -129,6 +134,30 @@ def _add_calib(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, help="use only the first N lines")
 
 
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="train a pruned model to match the dense one (knowledge distillation)",
+                       description="Train STUDENT (lowered to torch) so its outputs match TEACHER's on --data; "
+                                   "the trained model is written to OUTPUT and verified. Inputs are never modified.")
+    p.add_argument("student", type=Path, help="the pruned ONNX model")
+    p.add_argument("--teacher", type=Path, required=True, help="the dense ONNX model it was pruned from")
+    p.add_argument("--data", required=True, metavar="FILE.npz|random",
+                   help="training inputs: an .npz with one array per model input (first axis: samples), or 'random'")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the trained student")
+    p.add_argument("--epochs", type=int, default=2, help="passes over --data (default 2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate, cosine schedule (default 1e-4)")
+    p.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
+    p.add_argument("--loss", choices=("mse", "kl"), default="mse",
+                   help="mse: normalized mean squared error on the outputs (default); kl: KL divergence of the "
+                        "softened class distributions (classifier logits)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softening for --loss kl (default 2)")
+    p.add_argument("--hidden", action="store_true",
+                   help="also match the intermediate states both models share by name and shape "
+                        "(LayerNorm outputs and residual sums)")
+    p.add_argument("--plot", type=Path, help="loss curve PNG (default: OUTPUT with .loss.png)")
+    p.add_argument("--report", type=Path, help="write a JSON report here")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole job on a bundled model")
     p.add_argument("--out", type=Path, default=Path("graphprune-demo"), help="output folder")
@@ -142,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
     parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_prune, _add_inspect, _add_export, _add_bench, _add_calib, _add_demo):
+    for add in (_add_prune, _add_inspect, _add_export, _add_bench, _add_calib, _add_distill, _add_demo):
         add(sub)
     return parser
 
@@ -193,7 +222,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
                  "weight_threshold": args.weight_threshold, "drop_blocks": args.drop_blocks,
                  "prune_hidden": args.prune_hidden or None, "reconstruct": args.reconstruct or None,
-                 "target_params": args.target_params, "target_flops": args.target_flops}
+                 "target_params": args.target_params, "target_flops": args.target_flops,
+                 "target_latency": args.target_latency}
     if args.pipeline:
         given = [k for k, v in shortcuts.items() if v is not None]
         if given:
@@ -206,12 +236,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         api.build_pipeline(**options)  # validate before loading anything
     model = load_model(args.input)
     calibration = _calibration(args.calib, model, args.seed)
+    labels = None
+    if args.calib not in (None, "random"):
+        from graphprune.calib import load_labels
+
+        labels = load_labels(Path(args.calib), model.to_onnx())
     with console.status("pruning") as status:
         def progress(name: str, index: int, total: int) -> None:
             status.update(f"[{index + 1}/{total}] {name}")
 
         report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=progress,
-                           seed=args.seed, calibration=calibration, **options)
+                           seed=args.seed, calibration=calibration, labels=labels, **options)
     save_model(model, args.output, external=True if args.external_data else None)
     if args.report:
         try:
@@ -328,8 +363,46 @@ def cmd_calib(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from graphprune.distill import DistillOptions, distill, plot_losses, verify_student
+
+    options = DistillOptions(epochs=args.epochs, lr=args.lr, batch=args.batch, loss=args.loss,
+                             temperature=args.temperature, hidden=args.hidden, seed=args.seed)
+    options.check()
+    plot = args.plot or args.output.with_name(args.output.stem + ".loss.png")
+    _check_paths(args.student, args.output, args.report)
+    _check_paths(args.teacher, args.output, args.report)
+    for path in (args.student, args.teacher):
+        if _same_file(plot, path):
+            raise OptionError(f"plot path {plot} is an input file; choose another path")
+    student, teacher = load_model(args.student), load_model(args.teacher)
+    feeds = _calibration(args.data, teacher, args.seed)
+    columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("distill", total=None, loss="-")
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=f"{loss:.4g}")
+
+        result = distill(student, teacher, feeds, options, progress=progress)
+    check = verify_student(student, teacher, feeds)
+    save_model(student, args.output)
+    plot_losses(result, plot, title=f"distilling {args.student.name}")
+    data = dict(result.to_json(), verification=check.stats, plot=str(plot))
+    if args.report:
+        _write_json(args.report, data)
+    console.print(f"wrote {args.output}: loss {result.loss_before:.4g} -> {result.loss_after:.4g} over "
+                  f"{len(result.steps)} steps ({result.seconds:.0f} s, {len(result.hidden)} hidden states matched); "
+                  f"loss curve {plot}")
+    console.print("verified (onnx.checker, ORT run, output shapes equal to the teacher's)")
+    return 0
+
+
 COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
-            "calib": cmd_calib, "demo": cmd_demo}
+            "calib": cmd_calib, "distill": cmd_distill, "demo": cmd_demo}
 
 
 def print_report(report: Report, output: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from graphprune import cost
+from graphprune import cost, runtime
+from graphprune.bench import relative_latency
 from graphprune.deps import Dependencies
 from graphprune.errors import OptionError
 from graphprune.ir import Model
@@ -16,6 +18,16 @@ from graphprune.rewrite import apply_plan
 
 #: dry runs when searching the ratio for a parameter or FLOP target (0.99 / 2^10 < 0.001)
 BISECTION_STEPS = 10
+#: timed dry runs for a latency target (each one a few seconds; 0.99 / 2^7 < 0.008)
+LATENCY_BISECTION_STEPS = 7
+#: samples (or dynamic dims) and ORT threads of the latency measurement
+LATENCY_SAMPLES = 8
+LATENCY_THREADS = 2
+
+
+def latency_fraction(reference, trial: Model, feeds: dict, runs: int) -> float:
+    """Median ORT latency of `trial` over that of the `reference` session, timed in turns."""
+    return relative_latency(reference, runtime.session(trial.to_onnx(), threads=LATENCY_THREADS), feeds, runs=runs)
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,8 @@ class PruneOptions:
     channel_ratio: float | None = None
     target_params: float | None = None  # fraction of the parameters to keep (replaces ratio)
     target_flops: float | None = None  # fraction of the FLOPs to keep (replaces ratio)
+    target_latency: float | None = None  # fraction of the dense ORT latency (replaces ratio)
+    latency_runs: int = 15  # timed runs per candidate for target_latency
 
 
 @register
@@ -49,8 +63,11 @@ class PruneUnitsPass(RewritePass):
     residual stream: the group of normalized feature axes, off by default); allocation (uniform: the
     ratio in every group; global: units of a kind compete across groups by normalized score, at most
     max_group_ratio of a group); head_ratio, neuron_ratio, channel_ratio (per-kind ratios that
-    replace `ratio` for those groups); target_params / target_flops (keep about this fraction of the
-    parameters / FLOPs: the ratio is found by bisection on dry runs, and the result reported).
+    replace `ratio` for those groups); target_params / target_flops / target_latency (keep about this
+    fraction of the parameters / FLOPs / ORT CPU latency: the ratio is found by bisection on dry runs,
+    and the result reported; latency is timed against the dense model in turns, latency_runs runs
+    each, on the first LATENCY_SAMPLES calibration samples or else on random inputs with dynamic dims
+    of LATENCY_SAMPLES).
     Never removes every unit.
     """
 
@@ -63,10 +80,10 @@ class PruneUnitsPass(RewritePass):
         return self.options.threshold == 0
 
     def _target(self) -> tuple[str, float] | None:
-        given = [(k, v) for k, v in (("params", self.options.target_params), ("flops", self.options.target_flops))
-                 if v is not None]
+        given = [(k, v) for k, v in (("params", self.options.target_params), ("flops", self.options.target_flops),
+                                     ("latency", self.options.target_latency)) if v is not None]
         if len(given) > 1:
-            raise OptionError("give only one of target_params and target_flops")
+            raise OptionError("give only one of target_params, target_flops and target_latency")
         return given[0] if given else None
 
     def check(self, model: Model, am: AnalysisManager) -> None:
@@ -84,32 +101,50 @@ class PruneUnitsPass(RewritePass):
                          self.options.round_mode, self.options.hidden, self.options.allocation,
                          self.options.max_group_ratio, self._kind_ratios())
 
-    def _ratio_for_target(self, model: Model, deps: Dependencies, importance, measure: str,
+    def _measure(self, model: Model, am: AnalysisManager, measure: str) -> Callable[[Model], float]:
+        """The fraction of the dense model's cost a pruned copy keeps: counted, or timed in ORT."""
+        if measure != "latency":
+            dense = max(getattr(cost.totals(model), measure), 1)
+            return lambda trial: getattr(cost.totals(trial), measure) / dense
+        proto = model.to_onnx()
+        calibration = am.context.get("calibration")
+        if calibration is not None:
+            feeds = {name: array[:LATENCY_SAMPLES] for name, array in calibration.items()}
+        else:
+            feeds = runtime.sample_inputs(proto, seed=am.context.get("seed", 0), dynamic_dim=LATENCY_SAMPLES)
+        reference = runtime.session(proto, threads=LATENCY_THREADS)
+        return lambda trial: latency_fraction(reference, trial, feeds, self.options.latency_runs)
+
+    def _ratio_for_target(self, model: Model, am: AnalysisManager, deps: Dependencies, importance, measure: str,
                           fraction: float) -> tuple[float, float]:
         """Bisect the ratio whose pruned model keeps about `fraction` of the dense cost (dry runs on
-        copies); returns the ratio and the fraction it reaches (never below the target)."""
-        dense = max(getattr(cost.totals(model), measure), 1)
+        copies); returns the ratio and the fraction it reaches: never below the target for counted
+        costs, the closest measured for latency (timings are noisy, not monotonic)."""
+        measured = self._measure(model, am, measure)
 
         def kept(ratio: float) -> float:
             trial = model.copy()
             plan = self._plan(deps, importance, ratio)
             if plan.kept:
                 apply_plan(trial, deps, plan)
-            return getattr(cost.totals(trial), measure) / dense
+            return measured(trial)
 
         low, high = 0.0, 0.99
         reached_high = kept(high)
         if reached_high > fraction:
             return high, reached_high  # the closest this model can get: frozen units stay
-        best = (0.0, 1.0)
-        for _ in range(BISECTION_STEPS):
+        tried = [(high, reached_high)]
+        for _ in range(LATENCY_BISECTION_STEPS if measure == "latency" else BISECTION_STEPS):
             middle = (low + high) / 2
             reached = kept(middle)
+            tried.append((middle, reached))
             if reached >= fraction:
-                low, best = middle, (middle, reached)
+                low = middle
             else:
                 high = middle
-        return best
+        if measure == "latency":
+            return min(tried, key=lambda t: abs(t[1] - fraction))
+        return max(((r, f) for r, f in tried if f >= fraction), default=(0.0, 1.0))
 
     def _kind_ratios(self) -> dict[str, float]:
         given = {"head": self.options.head_ratio, "neuron": self.options.neuron_ratio,
@@ -129,7 +164,7 @@ class PruneUnitsPass(RewritePass):
         target = self._target()
         if target is not None:
             measure, fraction = target
-            ratio, reached = self._ratio_for_target(model, deps, importance, measure, fraction)
+            ratio, reached = self._ratio_for_target(model, am, deps, importance, measure, fraction)
             target_stats = {f"target_{measure}": fraction, f"reached_{measure}": round(reached, 4),
                             "ratio": round(ratio, 4)}
         plan = self._plan(deps, importance, ratio)

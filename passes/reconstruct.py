@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune import runtime
-from graphprune.calib import RANDOM_SAMPLES, batches, random_calibration
+from graphprune.calib import RANDOM_SAMPLES, batches, dynamic_sequence, random_calibration, token_rows
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
@@ -35,6 +35,22 @@ class Consumer:
     y: str  # output
     weight: str
     transposed: bool  # Gemm transB: the weight is [N, K]
+    residual: str | None = None  # the skip input of the residual Add the output flows into
+
+
+def _residual_input(model: Model, output: str) -> str | None:
+    """The other input of the residual Add that `output` reaches through bias Adds, if any."""
+    tensor = model.tensors()[output]
+    while len(tensor.outputs) == 1 and tensor.outputs[0].op == "Add":
+        node = tensor.outputs[0]
+        other = next((t for t in node.inputs if t is not tensor), tensor)
+        if other is tensor:
+            return None
+        if not isinstance(other, gs.Constant):
+            return other.name if (other.shape is not None and tensor.shape is not None
+                                  and len(other.shape) == len(tensor.shape)) else None
+        tensor = node.outputs[0]
+    return None
 
 
 def _consumers(pruned: Model, dense: Model) -> list[Consumer]:
@@ -53,7 +69,8 @@ def _consumers(pruned: Model, dense: Model) -> list[Consumer]:
             continue
         k, n = (1, 0) if transposed else (0, 1)
         if w.values.shape[k] < old.values.shape[k] and w.values.shape[n] == old.values.shape[n]:
-            found.append(Consumer(node.inputs[0].name, node.outputs[0].name, w.name, transposed))
+            residual = _residual_input(pruned, node.outputs[0].name)
+            found.append(Consumer(node.inputs[0].name, node.outputs[0].name, w.name, transposed, residual))
     return found
 
 
@@ -67,6 +84,7 @@ def _gemm_bias(node: gs.Node) -> np.ndarray | None:
 class ReconstructOptions:
     damp: float = 0.01  # ridge: damp x mean diagonal of X^T X
     batch: int = 16
+    residual: bool = True  # also absorb the drift of the residual stream the output is added to
 
 
 @register
@@ -96,29 +114,35 @@ class ReconstructPass(RewritePass):
             logger.info("no calibration data: reconstruction uses %d seeded random samples", RANDOM_SAMPLES)
             feeds = random_calibration(dense.to_onnx())
         consumers = _consumers(model, dense)
-        dense_proto = runtime.with_outputs(dense.to_onnx(), {c.y: np.float32 for c in consumers})
+        wanted = {c.y: np.float32 for c in consumers} | {c.residual: np.float32 for c in consumers if c.residual}
+        dense_proto = runtime.with_outputs(dense.to_onnx(), wanted)
         dense_session = runtime.session(dense_proto, threads=2)
+        trim = dynamic_sequence(dense_proto)
         errors = []
         for consumer in consumers:
-            errors.append(self._refit(model, consumer, dense_session, feeds))
+            errors.append(self._refit(model, consumer, dense_session, feeds, trim))
         return PassResult(bool(consumers), {"layers_refit": len(consumers),
                                             "relative_error_before": [round(b, 6) for b, _ in errors],
                                             "relative_error_after": [round(a, 6) for _, a in errors]})
 
-    def _refit(self, model: Model, consumer: Consumer, dense_session, feeds) -> tuple[float, float]:
+    def _refit(self, model: Model, consumer: Consumer, dense_session, feeds, trim: bool) -> tuple[float, float]:
         node = next(n for n in model.graph.nodes if n.op in ("MatMul", "Gemm") and n.inputs[1].name == consumer.weight)
         weight = node.inputs[1]
         w = np.asarray(weight.values, np.float64)
         w = w.T if consumer.transposed else w
         bias = _gemm_bias(node)
-        session = runtime.session(runtime.with_outputs(model.to_onnx(), {consumer.x: np.float32}), threads=2)
+        skip = consumer.residual if self.options.residual else None
+        wanted = [consumer.x] + ([skip] if skip else [])
+        session = runtime.session(runtime.with_outputs(model.to_onnx(), dict.fromkeys(wanted, np.float32)), threads=2)
         gram = np.zeros((w.shape[0], w.shape[0]))
         cross = np.zeros_like(w)
         target_energy = residual = 0.0
-        for batch in batches(feeds, self.options.batch):
-            x = np.asarray(session.run([consumer.x], batch)[0], np.float64)
-            y = np.asarray(dense_session.run([consumer.y], batch)[0], np.float64)
-            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        for batch in batches(feeds, self.options.batch, trim=trim):
+            got = [np.asarray(v, np.float64) for v in session.run(wanted, batch)]
+            dense_got = [np.asarray(v, np.float64) for v in dense_session.run([consumer.y] + wanted[1:], batch)]
+            x, y = token_rows(batch, got[0]), token_rows(batch, dense_got[0])
+            if skip:  # the dense sum is y + skip: the pruned output also makes up for the skip's drift
+                y = y + token_rows(batch, dense_got[1] - got[1])
             if bias is not None:
                 y = y - bias
             gram += x.T @ x

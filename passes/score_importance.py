@@ -18,7 +18,7 @@ from graphprune.taylor import taylor_scores
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["l1", "l2", "random", "saliency", "activation", "taylor"]
+Kind = Literal["l1", "l2", "random", "saliency", "activation", "taylor", "fisher"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,10 @@ class ScoreImportancePass(AnalysisPass):
     Options: kind = l1 (sum |w|) | l2 (sqrt of sum w^2) | random (baseline, seeded) | saliency
     (|sum of the given per-weight contributions| per unit) | activation (Wanda-style: weights that
     consume the unit times its activation norms on `am.context["calibration"]`, or on seeded
-    random inputs when none is given; see graphprune.activation) | taylor (expected squared
-    first-order output change of removing the unit, by gradients through the lowered graph on the
-    same calibration inputs; see graphprune.taylor); seed.
+    random inputs when none is given; see graphprune.activation) | taylor (first-order change of the
+    loss when the unit goes, by gradients through the lowered graph on the same calibration inputs:
+    the task loss when `am.context["labels"]` holds labels, else the output change along random
+    directions; see graphprune.taylor) | fisher (the same, squared before averaging); seed.
 
     Every member counts: producer rows, consumer columns, biases and norm parameters, so a unit
     scores zero only when all of its weights are zero. Divisors do not count (a zero divisor makes
@@ -66,13 +67,14 @@ class ScoreImportancePass(AnalysisPass):
                               "(pass saliency=... to graphprune.prune)")
         tensors = model.tensors()
         scores: dict[int, np.ndarray] = {}
-        if kind in ("activation", "taylor"):
+        if kind in ("activation", "taylor", "fisher"):
             feeds = am.context.get("calibration")
             if feeds is None:
                 logger.info("no calibration data: %s scores use %d seeded random samples", kind, RANDOM_SAMPLES)
                 feeds = random_calibration(model.to_onnx(), seed=self.options.seed)
             scores = (activation_scores(model, deps, feeds) if kind == "activation"
-                      else taylor_scores(model, deps, feeds, seed=self.options.seed))
+                      else taylor_scores(model, deps, feeds, seed=self.options.seed, squared=kind == "fisher",
+                                         labels=am.context.get("labels")))
         for group in deps.prunable:
             if group.id in scores:
                 continue

@@ -178,13 +178,114 @@ def test_taylor_scores_estimate_the_squared_output_change() -> None:
     deps = analyze(model)
     (group,) = deps.prunable
     feeds = random_calibration(model.to_onnx(), samples=64, seed=3)
-    scores = taylor_scores(model, deps, feeds, draws=400, batch=64)[group.id]
+    scores = taylor_scores(model, deps, feeds, draws=400, batch=64, squared=True)[group.id]
     consts = model.constants()
     r = np.maximum(feeds["x"].astype(np.float64) @ consts["w1"].values + consts["b1"].values, 0)
     expected = 4 * np.square(r).sum(axis=0) * np.square(consts["w2"].values).sum(axis=1)
     assert scores[0] == 0 and expected[0] == 0  # the unit that never fires
     np.testing.assert_allclose(scores[1:], expected[1:], rtol=0.25)
     assert np.array_equal(np.argsort(scores), np.argsort(expected))
+    # the first-order form: c_u is Gaussian along random directions, so E|c_u| = sqrt(2/pi) sqrt(E c_u^2)
+    first = taylor_scores(model, deps, feeds, draws=400, batch=64)[group.id]
+    np.testing.assert_allclose(first[1:], np.sqrt(2 / np.pi * expected[1:]), rtol=0.15)
+
+
+def test_taylor_with_labels_uses_the_task_loss() -> None:
+    """With class labels, c_u = sum over the unit's weights of dCE/dw * w, computed here by hand
+    with torch; taylor averages |c_u| over batches, fisher c_u^2."""
+    import torch
+
+    from graphprune.taylor import taylor_scores
+
+    model = _mlp()
+    deps = analyze(model)
+    (group,) = deps.prunable
+    feeds = random_calibration(model.to_onnx(), samples=32, seed=5)
+    labels = np.random.default_rng(5).integers(0, 3, 32)
+    consts = model.constants()
+    expected = []
+    for start in (0, 16):
+        w1, b1, w2 = (torch.tensor(np.asarray(consts[n].values, np.float64), requires_grad=True)
+                      for n in ("w1", "b1", "w2"))
+        x = torch.tensor(feeds["x"][start:start + 16], dtype=torch.float64)
+        y = torch.relu(x @ w1 + b1) @ w2
+        torch.nn.functional.cross_entropy(y, torch.tensor(labels[start:start + 16]), reduction="sum").backward()
+        c = (w1.grad * w1).sum(0) + b1.grad * b1 + (w2.grad * w2).sum(1)
+        expected.append(c.detach().numpy())
+    expected = np.array(expected)
+    taylor = taylor_scores(model, deps, feeds, labels=labels)[group.id]
+    fisher = taylor_scores(model, deps, feeds, labels=labels, squared=True)[group.id]
+    np.testing.assert_allclose(taylor, np.abs(expected).mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fisher, np.square(expected).mean(0), rtol=1e-4, atol=1e-8)
+    with pytest.raises(CalibrationError, match="do not fit the first output"):
+        taylor_scores(model, deps, feeds, labels=np.zeros((32, 2), np.int64))
+
+
+def test_cli_reads_labels_from_the_calibration_file(tmp_path) -> None:
+    from graphprune.calib import load_labels
+
+    model = _mlp()
+    path = graphprune.save_model(model, tmp_path / "m.onnx")
+    calib = tmp_path / "calib.npz"
+    feeds = random_calibration(model.to_onnx(), samples=32, seed=5)
+    np.savez(calib, x=feeds["x"], labels=np.arange(32) % 3)
+    assert load_labels(calib, model.to_onnx()).tolist() == (np.arange(32) % 3).tolist()
+    assert set(load_calibration(calib, model.to_onnx())) == {"x"}
+    for kind in ("taylor", "fisher"):
+        out = tmp_path / f"{kind}.onnx"
+        assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--importance", kind,
+                     "--calib", str(calib)]) == 0
+        assert graphprune.load_model(out).constants()["w2"].values.shape == (3, 3)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=feeds["x"], labels=np.zeros(5, np.int64))
+    assert main(["prune", str(path), "-o", str(tmp_path / "b.onnx"), "--ratio", "0.5", "--importance", "taylor",
+                 "--calib", str(bad)]) == 1
+
+
+RESIDUAL_MLP = """
+# weights: a1 b1 a2 b2
+<ir_version: 10, opset_import: ["" : 20]>
+resmlp (float[N, 4] x, float[4, 8] a1, float[8, 4] b1, float[4, 8] a2, float[8, 4] b2) => (float[N, 4] y)
+{
+  p1 = MatMul (x, a1)
+  r1 = Relu (p1)
+  o1 = MatMul (r1, b1)
+  h1 = Add (x, o1)
+  p2 = MatMul (h1, a2)
+  r2 = Relu (p2)
+  o2 = MatMul (r2, b2)
+  y = Add (h1, o2)
+}"""
+
+
+def test_reconstruct_also_makes_up_for_the_residual_streams_drift() -> None:
+    """Block 2's output is added to h1, which block 1's pruning moved: with `residual`, block 2 is
+    refit to the dense sum h1 + o2, so the final output error drops below the plain refit's."""
+    from graphprune import runtime
+    from graphprune.passes.reconstruct import _consumers
+
+    dense = model_from_text(RESIDUAL_MLP, seed=7)
+    calib = random_calibration(dense.to_onnx(), samples=256, seed=1)
+    held_out = random_calibration(dense.to_onnx(), samples=64, seed=2)
+    reference = runtime.run(dense.to_onnx(), held_out)[0]
+    errors = {}
+    for residual in (False, True):
+        model = model_from_text(RESIDUAL_MLP, seed=7)
+        pipeline = f"unshare,deps,importance,prune{{ratio=0.5}},reconstruct{{residual={str(residual).lower()}}},verify"
+        graphprune.prune(model, pipeline, calibration=calib)
+        errors[residual] = float(np.mean(np.square(runtime.run(model.to_onnx(), held_out)[0] - reference)))
+    assert [c.residual for c in _consumers(model, dense)] == ["x", "h1"]
+    assert errors[True] < errors[False]
+    # block 2's weights are the ridge solution for the target o2 + (h1 dense - h1 pruned)
+    ours, theirs = ({n: np.asarray(v.values, np.float64) for n, v in m.constants().items()} for m in (model, dense))
+    x = calib["x"].astype(np.float64)
+    h1_dense = x + np.maximum(x @ theirs["a1"], 0) @ theirs["b1"]
+    h1 = x + np.maximum(x @ ours["a1"], 0) @ ours["b1"]
+    r2 = np.maximum(h1 @ ours["a2"], 0)
+    target = np.maximum(h1_dense @ theirs["a2"], 0) @ theirs["b2"] + h1_dense - h1
+    gram = r2.T @ r2
+    expected = np.linalg.solve(gram + 0.01 * np.mean(np.diag(gram)) * np.eye(len(gram)), r2.T @ target)
+    np.testing.assert_allclose(ours["b2"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_taylor_importance(tmp_path, trained_simple_net) -> None:
