@@ -49,11 +49,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--target-latency", type=float, metavar="F",
                         help="about this fraction of the dense ORT CPU latency, timed on this machine while the "
                              "ratio is searched (on the first 8 --calib samples, else random inputs)")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher"), default="l2",
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"), default="l2",
                    help="unit score (default l2); activation: weights times activation norms on --calib data; "
                         "taylor: first-order loss change, by gradients through the lowered graph (task loss "
                         "when the --calib .npz has a 'labels' array, else output change along random "
-                        "directions); fisher: its squared form")
+                        "directions); fisher: its squared form; obs: the units the next layer, refit by least "
+                        "squares, misses least (structured Optimal Brain Surgeon; pair with --reconstruct)")
     p.add_argument("--calib", metavar="FILE.npz|random",
                    help="calibration inputs: an .npz with one array per model input (first axis: samples), "
                         "or 'random' (seeded random inputs); used by --importance activation")
@@ -95,7 +96,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
     budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher"), default="l2")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"), default="l2")
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
     p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")

@@ -12,13 +12,14 @@ from graphprune.activation import activation_scores
 from graphprune.calib import RANDOM_SAMPLES, random_calibration
 from graphprune.errors import OptionError
 from graphprune.ir import Model
+from graphprune.obs import obs_scores
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 from graphprune.plan import Importance, unit_rows
 from graphprune.taylor import taylor_scores
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["l1", "l2", "random", "saliency", "activation", "taylor", "fisher"]
+Kind = Literal["l1", "l2", "random", "saliency", "activation", "taylor", "fisher", "obs"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class ScoreImportancePass(AnalysisPass):
     random inputs when none is given; see graphprune.activation) | taylor (first-order change of the
     loss when the unit goes, by gradients through the lowered graph on the same calibration inputs:
     the task loss when `am.context["labels"]` holds labels, else the output change along random
-    directions; see graphprune.taylor) | fisher (the same, squared before averaging); seed.
+    directions; see graphprune.taylor) | fisher (the same, squared before averaging) | obs (the
+    greedy order in which the consumer layer, re-fit by least squares, misses its units least:
+    structured Optimal Brain Surgeon on the calibration activations, see graphprune.obs; groups
+    without a single MatMul/Gemm consumer get activation scores); seed.
 
     Every member counts: producer rows, consumer columns, biases and norm parameters, so a unit
     scores zero only when all of its weights are zero. Divisors do not count (a zero divisor makes
@@ -67,14 +71,18 @@ class ScoreImportancePass(AnalysisPass):
                               "(pass saliency=... to graphprune.prune)")
         tensors = model.tensors()
         scores: dict[int, np.ndarray] = {}
-        if kind in ("activation", "taylor", "fisher"):
+        if kind in ("activation", "taylor", "fisher", "obs"):
             feeds = am.context.get("calibration")
             if feeds is None:
                 logger.info("no calibration data: %s scores use %d seeded random samples", kind, RANDOM_SAMPLES)
                 feeds = random_calibration(model.to_onnx(), seed=self.options.seed)
-            scores = (activation_scores(model, deps, feeds) if kind == "activation"
-                      else taylor_scores(model, deps, feeds, seed=self.options.seed, squared=kind == "fisher",
-                                         labels=am.context.get("labels")))
+            if kind in ("activation", "obs"):
+                scores = activation_scores(model, deps, feeds)
+                if kind == "obs":  # activation scores stay for the groups OBS does not cover
+                    scores.update(obs_scores(model, deps, feeds))
+            else:
+                scores = taylor_scores(model, deps, feeds, seed=self.options.seed, squared=kind == "fisher",
+                                       labels=am.context.get("labels"))
         for group in deps.prunable:
             if group.id in scores:
                 continue

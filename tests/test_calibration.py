@@ -293,3 +293,37 @@ def test_cli_taylor_importance(tmp_path, trained_simple_net) -> None:
     assert main(["prune", str(trained_simple_net.path), "-o", str(out), "--ratio", "0.5", "--importance",
                  "taylor", "--calib", "random", "--reconstruct"]) == 0
     assert graphprune.load_model(out).param_count() == 220
+
+
+def test_obs_removes_redundant_units_first_and_scores_the_refit_error() -> None:
+    """Columns 0 and 1 of X carry the same signal with large weights; column 2 is independent with
+    small weights. Magnitude scores would drop unit 2; OBS drops one of the twins (the other takes
+    over its weight at no cost), and its first step's score is the exact ridge refit error."""
+    from graphprune.obs import greedy_removal
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((500, 3))
+    x = np.column_stack([base[:, 0], base[:, 0], base[:, 1], base[:, 2]])
+    w = np.array([[3.0, 1.0], [2.0, -1.0], [0.3, 0.2], [1.5, 2.0]])
+    gram = x.T @ x
+    scores = greedy_removal(gram, w, units=4, damp=1e-9)
+    first = int(np.argmin(scores))
+    assert first in (0, 1) and scores[first] < 1e-6
+    assert np.argsort(scores)[1] == 2 and scores.argmax() in (0, 1, 3)
+    # heads: blocks of 2 columns; the first block's score is the refit error of the other blocks
+    x2 = rng.standard_normal((400, 6))
+    w2 = rng.standard_normal((6, 3))
+    gram2 = x2.T @ x2
+    scores2 = greedy_removal(gram2, w2, units=3, damp=1e-9)
+    gone = int(np.argmin(scores2))
+    keep = [c for c in range(6) if c // 2 != gone]
+    refit, *_ = np.linalg.lstsq(x2[:, keep], x2 @ w2, rcond=None)
+    error = np.sum(np.square(x2[:, keep] @ refit - x2 @ w2)) / np.sum(np.square(x2 @ w2))
+    assert scores2[gone] == pytest.approx(error, rel=1e-5)
+
+
+def test_obs_importance_prunes_a_verified_model(tmp_path, trained_simple_net) -> None:
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(trained_simple_net.path), "-o", str(out), "--ratio", "0.5", "--importance", "obs",
+                 "--calib", "random", "--reconstruct"]) == 0
+    assert graphprune.load_model(out).param_count() == 220
