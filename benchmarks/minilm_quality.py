@@ -3,7 +3,8 @@
 
     pip install -c constraints.txt -e '.[bench]'
     python benchmarks/minilm_quality.py [--ratios 0.5,0.25] [--calib 512] [--eval 256]
-        [--kinds l2,activation,taylor,fisher,obs] [--distill-samples 1024] [--distill-epochs 2]
+        [--kinds l2,activation,taylor,fisher,obs] [--distill-samples 1024] [--distill-epochs 6]
+        [--distill-lr 5e-4]
         [--out benchmarks/results/minilm_quality.json]
 
 Calibration: the first `--calib` sentences of Python's bundled documentation; evaluation: the last
@@ -81,9 +82,9 @@ class Bench:
                "distill": False, "seconds": round(time.perf_counter() - start, 1)}
         return model, self.score(model, row)
 
-    def distilled(self, model, row: dict, epochs: int) -> dict:
+    def distilled(self, model, row: dict, epochs: int, lr: float) -> dict:
         dense = graphprune.load_model(self.dense_path)
-        result = distill(model, dense, self.train, DistillOptions(epochs=epochs, lr=1e-4, hidden=True))
+        result = distill(model, dense, self.train, DistillOptions(epochs=epochs, lr=lr, hidden=True))
         return self.score(model, dict(row, distill=True, seconds=round(row["seconds"] + result.seconds, 1),
                                       distill_loss=[round(result.loss_before, 5), round(result.loss_after, 5)]))
 
@@ -98,7 +99,7 @@ class Bench:
         return self.score(model, row)
 
 
-def run(bench: Bench, ratios: list[float], kinds: list[str], epochs: int) -> None:
+def run(bench: Bench, ratios: list[float], kinds: list[str], epochs: int, lr: float) -> None:
     for ratio in ratios:
         bench.torch_pruning(ratio)
         kept = {}
@@ -108,9 +109,9 @@ def run(bench: Bench, ratios: list[float], kinds: list[str], epochs: int) -> Non
                 kept[(kind, reconstruct)] = (model, row)
         if epochs:
             best = max(kept.values(), key=lambda item: item[1]["cosine"])
-            bench.distilled(*best, epochs)
+            bench.distilled(*best, epochs, lr)
             if "l2" in kinds and best is not kept[("l2", False)]:
-                bench.distilled(*kept[("l2", False)], epochs)
+                bench.distilled(*kept[("l2", False)], epochs, lr)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -130,14 +131,16 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=512, help="calibration sentences")
     parser.add_argument("--eval", type=int, default=256, help="evaluation sentences (disjoint)")
     parser.add_argument("--distill-samples", type=int, default=1024, help="training sentences for distillation")
-    parser.add_argument("--distill-epochs", type=int, default=2, help="0: no distillation rows")
+    parser.add_argument("--distill-epochs", type=int, default=6, help="0: no distillation rows")
+    parser.add_argument("--distill-lr", type=float, default=5e-4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/minilm_quality.json"))
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         bench = Bench(args.calib, args.eval, args.distill_samples, args.seq, Path(folder))
-        run(bench, [float(r) for r in args.ratios.split(",")], args.kinds.split(","), args.distill_epochs)
+        run(bench, [float(r) for r in args.ratios.split(",")], args.kinds.split(","), args.distill_epochs,
+            args.distill_lr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
     setup["minutes"] = round((time.perf_counter() - started) / 60, 1)

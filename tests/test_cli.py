@@ -91,11 +91,14 @@ def test_minilm_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert "all-MiniLM-L6-v2" in text and "speedup" in text
     summary = json.loads((tmp_path / "demo" / "report.json").read_text())
     dense, quarter, half = summary["dense"], summary["heads+FFN -25%"], summary["heads+FFN -50%"]
+    magnitude = summary["magnitude only -50%"]
     assert dense["params"] == 22_565_379 and dense["cosine_to_dense"] > 0.999
-    assert dense["params"] > quarter["params"] > half["params"]
+    assert dense["params"] > quarter["params"] > half["params"] == magnitude["params"]
     assert half["report"]["verified"] and quarter["report"]["verified"]
     assert 0 < half["cosine_to_dense"] < quarter["cosine_to_dense"] < 1
-    for name in ("dense.onnx", "pruned-25.onnx", "pruned-50.onnx"):
+    passes = [p["name"] for p in half["report"]["passes"]]
+    assert "reconstruct" in passes and "reconstruct" not in [p["name"] for p in magnitude["report"]["passes"]]
+    for name in ("dense.onnx", "pruned-25.onnx", "pruned-50.onnx", "pruned-50-magnitude.onnx"):
         onnx.checker.check_model(str(tmp_path / "demo" / name))
 
 
