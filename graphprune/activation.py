@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Collection
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -53,9 +54,11 @@ def _element_weight_sums(values: np.ndarray, member: Member) -> np.ndarray:
     return np.moveaxis(part, member.axis, 0).reshape(member.stop - member.start, -1).sum(axis=1)
 
 
-def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """Scores for every prunable group that has consumer pairs; other groups are left out."""
-    pairs = {g.id: consumer_pairs(model, g) for g in deps.prunable}
+def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray],
+                      skip: Collection[int] = ()) -> dict[int, np.ndarray]:
+    """Scores for every prunable group that has consumer pairs (and is not in `skip`); other groups
+    are left out."""
+    pairs = {g.id: consumer_pairs(model, g) if g.id not in skip else [] for g in deps.prunable}
     needed = {a.tensor for group_pairs in pairs.values() for a, _ in group_pairs}
     if not needed:
         return {}

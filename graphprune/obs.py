@@ -53,31 +53,28 @@ def greedy_removal(gram: np.ndarray, w: np.ndarray, units: int, damp: float = DA
     energy = max(float(np.sum(w * (gram @ w))), 1e-30)
     hinv = np.linalg.inv(gram + (damp * float(np.mean(np.diag(gram))) + 1e-12) * np.eye(len(gram)))
     w = w.copy()
-    alive = list(range(units))
+    alive = np.arange(units)  # hinv and w hold the rows of the alive units only, `size` rows each
     scores = np.zeros(units)
     total = 0.0
     per_step = max(1, math.ceil((units - 1) / MAX_STEPS))
     while len(alive) > 1:
         if size == 1:
-            costs = np.sum(np.square(w[alive]), axis=1) / np.maximum(np.diag(hinv)[alive], 1e-30)
+            costs = np.sum(np.square(w), axis=1) / np.maximum(np.diag(hinv), 1e-30)
         else:
-            costs = [float(np.sum(w[u * size:(u + 1) * size] * np.linalg.solve(
-                hinv[u * size:(u + 1) * size, u * size:(u + 1) * size], w[u * size:(u + 1) * size])))
-                for u in alive]
-        order = np.argsort(costs, kind="stable")[:min(per_step, len(alive) - 1)]
-        chosen = [alive[i] for i in order]
-        index = np.concatenate([np.arange(u * size, (u + 1) * size) for u in chosen])
-        block = hinv[np.ix_(index, index)]
-        solve = np.linalg.solve(block, np.concatenate([w[index], hinv[index]], axis=1))
+            costs = [float(np.sum(w[s] * np.linalg.solve(hinv[s, s], w[s])))
+                     for s in (slice(i * size, (i + 1) * size) for i in range(len(alive)))]
+        chosen = np.sort(np.argsort(costs, kind="stable")[:min(per_step, len(alive) - 1)])
+        index = (chosen[:, None] * size + np.arange(size)).reshape(-1)
+        solve = np.linalg.solve(hinv[np.ix_(index, index)], np.concatenate([w[index], hinv[index]], axis=1))
         total += float(np.sum(w[index] * solve[:, :w.shape[1]]))
-        w -= hinv[:, index] @ solve[:, :w.shape[1]]
-        hinv -= hinv[:, index] @ solve[:, w.shape[1]:]
-        w[index] = 0.0
-        hinv[index, :] = 0.0
-        hinv[:, index] = 0.0
-        for u in chosen:
-            scores[u] = total / energy
-            alive.remove(u)
+        keep = np.ones(len(w), bool)
+        keep[index] = False
+        # the optimal re-fit of the rest, and the inverse Hessian without the removed rows
+        outputs = w.shape[1]
+        w = w[keep] - hinv[np.ix_(keep, index)] @ solve[:, :outputs]
+        hinv = hinv[np.ix_(keep, keep)] - hinv[np.ix_(keep, index)] @ solve[:, outputs:][:, keep]
+        scores[alive[chosen]] = total / energy
+        alive = np.delete(alive, chosen)
     scores[alive[0]] = 2.0 * max(scores.max(), 1.0)
     return scores
 

@@ -77,6 +77,18 @@ def with_outputs(proto: onnx.ModelProto, dtypes: dict[str, np.dtype]) -> onnx.Mo
     return extended
 
 
+def with_weight_inputs(proto: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of `proto` where the named initializers are graph inputs instead (fed at run time)."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(proto)
+    kept = [t for t in changed.graph.initializer if t.name not in names]
+    moved = [t for t in changed.graph.initializer if t.name in names]
+    del changed.graph.initializer[:]
+    changed.graph.initializer.extend(kept)
+    changed.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
+    return changed
+
+
 @dataclass(frozen=True)
 class Verification:
     output_shapes: tuple[tuple[int, ...], ...]

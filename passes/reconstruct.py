@@ -80,6 +80,41 @@ def _gemm_bias(node: gs.Node) -> np.ndarray | None:
     return None
 
 
+class _DenseTargets:
+    """The dense model's outputs of every consumer (and residual skips) per calibration batch, as
+    token rows: computed in one dense run per batch and kept (as float32) when they fit in
+    CACHE_BYTES, else recomputed for each consumer."""
+
+    def __init__(self, dense: Model, consumers: list[Consumer], skips: dict[str, str],
+                 feeds: dict[str, np.ndarray], batch: int) -> None:
+        self.names = list(dict.fromkeys([c.y for c in consumers] + list(skips.values())))
+        proto = runtime.with_outputs(dense.to_onnx(), dict.fromkeys(self.names, np.float32))
+        self.session = runtime.session(proto, threads=2)
+        self.feeds, self.batch, self.trim = feeds, batch, dynamic_sequence(proto)
+        self.cache: list[dict[str, np.ndarray]] | None = []
+        size = 0
+        for chunk in self.batches():
+            values = {n: token_rows(chunk, v).astype(np.float32) for n, v in
+                      zip(self.names, self.session.run(self.names, chunk), strict=True)}
+            size += sum(v.nbytes for v in values.values())
+            if size > CACHE_BYTES:
+                self.cache = None
+                break
+            self.cache.append(values)
+
+    def batches(self):
+        return batches(self.feeds, self.batch, trim=self.trim)
+
+    def get(self, index: int, name: str, batch: dict[str, np.ndarray]) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache[index][name].astype(np.float64)
+        return token_rows(batch, np.asarray(self.session.run([name], batch)[0], np.float64))
+
+
+#: the dense targets are kept in memory up to this size (else recomputed per consumer)
+CACHE_BYTES = 2 << 30
+
+
 @dataclass(frozen=True)
 class ReconstructOptions:
     damp: float = 0.01  # ridge: damp x mean diagonal of X^T X
@@ -114,35 +149,38 @@ class ReconstructPass(RewritePass):
             logger.info("no calibration data: reconstruction uses %d seeded random samples", RANDOM_SAMPLES)
             feeds = random_calibration(dense.to_onnx())
         consumers = _consumers(model, dense)
-        wanted = {c.y: np.float32 for c in consumers} | {c.residual: np.float32 for c in consumers if c.residual}
-        dense_proto = runtime.with_outputs(dense.to_onnx(), wanted)
-        dense_session = runtime.session(dense_proto, threads=2)
-        trim = dynamic_sequence(dense_proto)
-        errors = []
-        for consumer in consumers:
-            errors.append(self._refit(model, consumer, dense_session, feeds, trim))
-        return PassResult(bool(consumers), {"layers_refit": len(consumers),
-                                            "relative_error_before": [round(b, 6) for b, _ in errors],
-                                            "relative_error_after": [round(a, 6) for _, a in errors]})
+        if not consumers:
+            return PassResult(False, {"layers_refit": 0})
+        skips = {c.y: c.residual for c in consumers if c.residual and self.options.residual}
+        targets = _DenseTargets(dense, consumers, skips, feeds, self.options.batch)
+        # one session for every refit: the consumers' weights are inputs, fed as they are refit
+        weights = {c.weight: np.asarray(model.constants()[c.weight].values) for c in consumers}
+        outputs = dict.fromkeys([c.x for c in consumers] + list(skips.values()), np.float32)
+        proto = runtime.with_outputs(runtime.with_weight_inputs(model.to_onnx(), set(weights)), outputs)
+        session = runtime.session(proto, threads=2)
+        errors = [self._refit(model, consumer, session, weights, targets, skips.get(consumer.y))
+                  for consumer in consumers]
+        return PassResult(True, {"layers_refit": len(consumers),
+                                 "relative_error_before": [round(b, 6) for b, _ in errors],
+                                 "relative_error_after": [round(a, 6) for _, a in errors]})
 
-    def _refit(self, model: Model, consumer: Consumer, dense_session, feeds, trim: bool) -> tuple[float, float]:
+    def _refit(self, model: Model, consumer: Consumer, session, weights: dict[str, np.ndarray],
+               targets: _DenseTargets, skip: str | None) -> tuple[float, float]:
         node = next(n for n in model.graph.nodes if n.op in ("MatMul", "Gemm") and n.inputs[1].name == consumer.weight)
         weight = node.inputs[1]
         w = np.asarray(weight.values, np.float64)
         w = w.T if consumer.transposed else w
         bias = _gemm_bias(node)
-        skip = consumer.residual if self.options.residual else None
         wanted = [consumer.x] + ([skip] if skip else [])
-        session = runtime.session(runtime.with_outputs(model.to_onnx(), dict.fromkeys(wanted, np.float32)), threads=2)
         gram = np.zeros((w.shape[0], w.shape[0]))
         cross = np.zeros_like(w)
         target_energy = residual = 0.0
-        for batch in batches(feeds, self.options.batch, trim=trim):
-            got = [np.asarray(v, np.float64) for v in session.run(wanted, batch)]
-            dense_got = [np.asarray(v, np.float64) for v in dense_session.run([consumer.y] + wanted[1:], batch)]
-            x, y = token_rows(batch, got[0]), token_rows(batch, dense_got[0])
+        for index, batch in enumerate(targets.batches()):
+            got = [np.asarray(v, np.float64) for v in session.run(wanted, batch | weights)]
+            x = token_rows(batch, got[0])
+            y = targets.get(index, consumer.y, batch)
             if skip:  # the dense sum is y + skip: the pruned output also makes up for the skip's drift
-                y = y + token_rows(batch, dense_got[1] - got[1])
+                y = y + targets.get(index, skip, batch) - token_rows(batch, got[1])
             if bias is not None:
                 y = y - bias
             gram += x.T @ x
@@ -154,5 +192,6 @@ class ReconstructPass(RewritePass):
         # the same data gives the error after the refit without another pass over it
         after = float(np.sum(refit * (gram @ refit)) - 2 * np.sum(refit * cross)) + target_energy
         weight.values = np.ascontiguousarray((refit.T if consumer.transposed else refit).astype(weight.values.dtype))
+        weights[consumer.weight] = weight.values
         scale = max(target_energy, 1e-30)
         return residual / scale, max(after, 0.0) / scale

@@ -77,9 +77,9 @@ class ScoreImportancePass(AnalysisPass):
                 logger.info("no calibration data: %s scores use %d seeded random samples", kind, RANDOM_SAMPLES)
                 feeds = random_calibration(model.to_onnx(), seed=self.options.seed)
             if kind in ("activation", "obs"):
-                scores = activation_scores(model, deps, feeds)
-                if kind == "obs":  # activation scores stay for the groups OBS does not cover
-                    scores.update(obs_scores(model, deps, feeds))
+                scores = obs_scores(model, deps, feeds) if kind == "obs" else {}
+                # activation scores for the groups OBS does not cover
+                scores |= activation_scores(model, deps, feeds, skip=set(scores))
             else:
                 scores = taylor_scores(model, deps, feeds, seed=self.options.seed, squared=kind == "fisher",
                                        labels=am.context.get("labels"))
