@@ -34,9 +34,9 @@ def consumer_pairs(model: Model, group: Group) -> list[tuple[Member, Member]]:
     weights = {m.tensor: m for m in group.scored_weights}
     pairs = []
     for member in group.members:
-        if member.is_weight or member.stop is None:
+        tensor = tensors.get(member.tensor)  # virtual slots (conv groups) are no tensor
+        if member.is_weight or member.stop is None or tensor is None:
             continue
-        tensor = tensors[member.tensor]
         for node in tensor.outputs:
             if node.op not in CONSUMERS:
                 continue

@@ -11,10 +11,10 @@ from graphprune.bench import relative_latency
 from graphprune.deps import Dependencies
 from graphprune.errors import OptionError
 from graphprune.ir import Model
-from graphprune.passes.reconstruct import KEEP_UNPRUNED, UNPRUNED
+from graphprune.passes.reconstruct import KEEP_UNPRUNED, KEPT, UNPRUNED
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.plan import make_plan, validate_budget
-from graphprune.rewrite import apply_plan
+from graphprune.rewrite import apply_plan, kept_indices
 
 #: dry runs when searching the ratio for a parameter or FLOP target (0.99 / 2^10 < 0.001)
 BISECTION_STEPS = 10
@@ -170,6 +170,8 @@ class PruneUnitsPass(RewritePass):
         plan = self._plan(deps, importance, ratio)
         if not plan.kept:
             return PassResult(False, {"groups_pruned": 0, "units_removed": 0, **target_stats})
+        if am.context.get(KEEP_UNPRUNED):  # which elements stayed, for the refit targets
+            am.context[KEPT] = kept_indices(deps, plan)
         stats = apply_plan(model, deps, plan) | target_stats
         stats["group_units"] = {gid: len(kept) for gid, kept in plan.kept.items()}
         return PassResult(True, stats)

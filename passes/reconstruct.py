@@ -2,10 +2,12 @@
 output on calibration data matches the dense model's again. No training: one ridge solve per layer.
 
 A consumer is a MatMul or Gemm with a constant weight whose contraction axis lost units (an
-attention output projection after heads went, an FFN down projection after neurons went). Its
-output axis must be unchanged, so the dense output is the target. Layers are refit in graph order,
-each on the inputs the already refit pruned model gives it, so later layers also absorb the error
-of earlier ones.
+attention output projection after heads went, an FFN down projection after neurons went), or a 2-D
+Conv (group 1) whose input channels went, refit on its input patches (im2col; at most MAX_ROWS
+sampled positions per batch). Its output axis must be unchanged, so the dense output is the
+target. Layers are refit in graph order, each on the inputs the already refit pruned model gives
+it, so later layers also absorb the error of earlier ones; where the output flows into a residual
+Add, the target also makes up for the drift of the skip path (dense skip - pruned skip).
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune import runtime
-from graphprune.calib import RANDOM_SAMPLES, batches, dynamic_sequence, random_calibration, token_rows
+from graphprune.calib import (
+    RANDOM_SAMPLES,
+    batches,
+    dynamic_sequence,
+    positions,
+    random_calibration,
+    token_rows,
+)
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
@@ -27,15 +36,84 @@ logger = logging.getLogger(__name__)
 #: set by `reconstruct`'s check: the prune pass then keeps a copy of the model before it prunes
 KEEP_UNPRUNED = "keep_unpruned"
 UNPRUNED = "unpruned"
+KEPT = "kept_indices"  # (tensor, axis) -> element indices kept, for outputs that lost units too
+
+
+#: conv consumers: at most this many output positions per calibration batch enter the fit
+MAX_ROWS = 8192
 
 
 @dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]  # ONNX order: top, left, bottom, right
+
+    @classmethod
+    def of(cls, node: gs.Node, weight: np.ndarray) -> ConvGeometry | None:
+        if weight.ndim != 4 or node.attrs.get("group", 1) != 1 or node.attrs.get("auto_pad", "NOTSET") not in (
+                "NOTSET", "VALID", b"NOTSET", b"VALID"):
+            return None
+        return cls(tuple(weight.shape[2:]), tuple(node.attrs.get("strides", (1, 1))),
+                   tuple(node.attrs.get("dilations", (1, 1))), tuple(node.attrs.get("pads", (0, 0, 0, 0))))
+
+    def patches(self, x: np.ndarray) -> np.ndarray:
+        """[N, C, H, W] -> [N * output positions, C * kh * kw] (im2col, the weight's own order)."""
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        top, left, bottom, right = self.pads
+        t = F.pad(torch.from_numpy(np.ascontiguousarray(x)), (left, right, top, bottom))
+        cols = F.unfold(t, self.kernel, dilation=self.dilations, stride=self.strides)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+
+
+@dataclass(frozen=True, eq=False)
 class Consumer:
     x: str  # input activation
     y: str  # output
     weight: str
     transposed: bool  # Gemm transB: the weight is [N, K]
     residual: str | None = None  # the skip input of the residual Add the output flows into
+    conv: ConvGeometry | None = None
+    columns: np.ndarray | None = None  # the dense output's features still there (None: all)
+    residual_columns: np.ndarray | None = None
+
+    def weight_rows(self, values: np.ndarray) -> np.ndarray:
+        """The weight as [contraction, outputs]."""
+        if self.conv is not None:
+            return values.reshape(values.shape[0], -1).T
+        return values.T if self.transposed else values
+
+    def weight_values(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.conv is not None:
+            return rows.T.reshape(shape)
+        return rows.T if self.transposed else rows
+
+    def input_rows(self, batch: dict[str, np.ndarray], value: np.ndarray, index: int) -> np.ndarray:
+        if self.conv is not None:
+            return _sampled(self.conv.patches(value), index)
+        return token_rows(batch, value)
+
+
+def output_rows(batch: dict[str, np.ndarray], value: np.ndarray, index: int) -> np.ndarray:
+    """An output (or skip) as [rows, features]: token rows, or for feature maps channel-last
+    positions, sampled as `Consumer.input_rows` samples the matching patches."""
+    if value.ndim == 4 and positions(batch, value) is None:
+        return _sampled(np.moveaxis(value, 1, -1).reshape(-1, value.shape[1]), index)
+    return token_rows(batch, value)
+
+
+def _features(rows: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    return rows if columns is None else rows[:, columns]
+
+
+def _sampled(rows: np.ndarray, index: int) -> np.ndarray:
+    if len(rows) <= MAX_ROWS:
+        return rows
+    picked = np.random.default_rng([index, len(rows)]).choice(len(rows), MAX_ROWS, replace=False)
+    return rows[np.sort(picked)]
 
 
 def _residual_input(model: Model, output: str) -> str | None:
@@ -53,29 +131,52 @@ def _residual_input(model: Model, output: str) -> str | None:
     return None
 
 
-def _consumers(pruned: Model, dense: Model) -> list[Consumer]:
+def _consumers(pruned: Model, dense: Model, kept: dict) -> list[Consumer]:
+    """MatMul/Gemm/Conv nodes whose contraction axis lost units. Their output may have lost units too
+    (a layer between two pruned ones): the target is then the dense output's kept features."""
     # weights keep their names when sliced (and are unshared before pruning): they pair the nodes
     dense_nodes = {n.inputs[1].name: n for n in dense.graph.nodes
-                   if n.op in ("MatMul", "Gemm") and isinstance(n.inputs[1], gs.Constant)}
+                   if n.op in CONSUMER_OPS and isinstance(n.inputs[1], gs.Constant)}
     found = []
     for node in pruned.graph.nodes:
-        if node.op not in ("MatMul", "Gemm") or node.inputs[1].name not in dense_nodes:
+        if node.op not in CONSUMER_OPS or node.inputs[1].name not in dense_nodes:
             continue
         w, old = node.inputs[1], dense_nodes[node.inputs[1].name].inputs[1]
-        if not isinstance(w, gs.Constant) or not isinstance(old, gs.Constant) or w.values.ndim != 2:
+        if not isinstance(w, gs.Constant) or not isinstance(old, gs.Constant):
             continue
+        conv = ConvGeometry.of(node, w.values) if node.op == "Conv" else None
         transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
-        if node.op == "Gemm" and node.attrs.get("transA", 0):
+        if (node.op == "Conv" and conv is None) or (node.op != "Conv" and w.values.ndim != 2) or \
+                (node.op == "Gemm" and node.attrs.get("transA", 0)):
             continue
-        k, n = (1, 0) if transposed else (0, 1)
-        if w.values.shape[k] < old.values.shape[k] and w.values.shape[n] == old.values.shape[n]:
-            residual = _residual_input(pruned, node.outputs[0].name)
-            found.append(Consumer(node.inputs[0].name, node.outputs[0].name, w.name, transposed, residual))
+        k, n = (1, 0) if transposed or conv else (0, 1)
+        if w.values.shape[k] >= old.values.shape[k]:
+            continue
+        y = node.outputs[0]
+        columns = _kept_features(kept, y, 1 if conv else -1) if w.values.shape[n] < old.values.shape[n] else None
+        if w.values.shape[n] < old.values.shape[n] and columns is None:
+            continue
+        residual = _residual_input(pruned, y.name)
+        residual_columns = None
+        if residual is not None:
+            residual_columns = _kept_features(kept, pruned.tensors()[residual], 1 if conv else -1)
+        found.append(Consumer(node.inputs[0].name, y.name, w.name, transposed, residual, conv, columns,
+                              residual_columns))
     return found
 
 
-def _gemm_bias(node: gs.Node) -> np.ndarray | None:
-    if node.op == "Gemm" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+def _kept_features(kept: dict, tensor: gs.Tensor, axis: int) -> np.ndarray | None:
+    if tensor.shape is None:
+        return None
+    return kept.get((tensor.name, axis % len(tensor.shape)))
+
+
+CONSUMER_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _bias(node: gs.Node) -> np.ndarray | None:
+    """The bias a Gemm or Conv adds to its product (None: none, or not constant)."""
+    if node.op in ("Gemm", "Conv") and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
         return np.asarray(node.inputs[2].values, np.float64) * node.attrs.get("beta", 1.0)
     return None
 
@@ -93,8 +194,8 @@ class _DenseTargets:
         self.feeds, self.batch, self.trim = feeds, batch, dynamic_sequence(proto)
         self.cache: list[dict[str, np.ndarray]] | None = []
         size = 0
-        for chunk in self.batches():
-            values = {n: token_rows(chunk, v).astype(np.float32) for n, v in
+        for index, chunk in enumerate(self.batches()):
+            values = {n: output_rows(chunk, v, index).astype(np.float32) for n, v in
                       zip(self.names, self.session.run(self.names, chunk), strict=True)}
             size += sum(v.nbytes for v in values.values())
             if size > CACHE_BYTES:
@@ -108,7 +209,7 @@ class _DenseTargets:
     def get(self, index: int, name: str, batch: dict[str, np.ndarray]) -> np.ndarray:
         if self.cache is not None:
             return self.cache[index][name].astype(np.float64)
-        return token_rows(batch, np.asarray(self.session.run([name], batch)[0], np.float64))
+        return output_rows(batch, np.asarray(self.session.run([name], batch)[0], np.float64), index)
 
 
 #: the dense targets are kept in memory up to this size (else recomputed per consumer)
@@ -148,7 +249,7 @@ class ReconstructPass(RewritePass):
         if feeds is None:
             logger.info("no calibration data: reconstruction uses %d seeded random samples", RANDOM_SAMPLES)
             feeds = random_calibration(dense.to_onnx())
-        consumers = _consumers(model, dense)
+        consumers = _consumers(model, dense, am.context.get(KEPT, {}))
         if not consumers:
             return PassResult(False, {"layers_refit": 0})
         skips = {c.y: c.residual for c in consumers if c.residual and self.options.residual}
@@ -166,32 +267,41 @@ class ReconstructPass(RewritePass):
 
     def _refit(self, model: Model, consumer: Consumer, session, weights: dict[str, np.ndarray],
                targets: _DenseTargets, skip: str | None) -> tuple[float, float]:
-        node = next(n for n in model.graph.nodes if n.op in ("MatMul", "Gemm") and n.inputs[1].name == consumer.weight)
+        node = next(n for n in model.graph.nodes if n.op in CONSUMER_OPS and n.inputs[1].name == consumer.weight)
         weight = node.inputs[1]
-        w = np.asarray(weight.values, np.float64)
-        w = w.T if consumer.transposed else w
-        bias = _gemm_bias(node)
+        w = consumer.weight_rows(np.asarray(weight.values, np.float64))
+        bias = _bias(node)
         wanted = [consumer.x] + ([skip] if skip else [])
         gram = np.zeros((w.shape[0], w.shape[0]))
         cross = np.zeros_like(w)
         target_energy = residual = 0.0
+        rows = 0
         for index, batch in enumerate(targets.batches()):
             got = [np.asarray(v, np.float64) for v in session.run(wanted, batch | weights)]
-            x = token_rows(batch, got[0])
-            y = targets.get(index, consumer.y, batch)
+            x = consumer.input_rows(batch, got[0], index)
+            y = _features(targets.get(index, consumer.y, batch), consumer.columns)
             if skip:  # the dense sum is y + skip: the pruned output also makes up for the skip's drift
-                y = y + targets.get(index, skip, batch) - token_rows(batch, got[1])
+                dense_skip = _features(targets.get(index, skip, batch), consumer.residual_columns)
+                y = y + dense_skip - output_rows(batch, got[1], index)
             if bias is not None:
                 y = y - bias
             gram += x.T @ x
             cross += x.T @ y
+            rows += len(x)
             residual += float(np.sum(np.square(x @ w - y)))
             target_energy += float(np.sum(np.square(y)))
+        scale = max(target_energy, 1e-30)
+        if rows < len(gram):  # fewer samples than inputs: a refit would memorize the calibration
+            logger.warning("reconstruct: %s kept as is: %d calibration rows for %d inputs (give more --calib samples)",
+                           consumer.weight, rows, len(gram))
+            return residual / scale, residual / scale
         ridge = self.options.damp * float(np.mean(np.diag(gram))) + 1e-12
         refit = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
         # the same data gives the error after the refit without another pass over it
         after = float(np.sum(refit * (gram @ refit)) - 2 * np.sum(refit * cross)) + target_energy
-        weight.values = np.ascontiguousarray((refit.T if consumer.transposed else refit).astype(weight.values.dtype))
+        if not after < residual:  # the ridge term can cost more than it gains: keep what was there
+            return residual / scale, residual / scale
+        weight.values = np.ascontiguousarray(
+            consumer.weight_values(refit, weight.values.shape).astype(weight.values.dtype))
         weights[consumer.weight] = weight.values
-        scale = max(target_energy, 1e-30)
         return residual / scale, max(after, 0.0) / scale

@@ -274,7 +274,7 @@ def test_reconstruct_also_makes_up_for_the_residual_streams_drift() -> None:
         pipeline = f"unshare,deps,importance,prune{{ratio=0.5}},reconstruct{{residual={str(residual).lower()}}},verify"
         graphprune.prune(model, pipeline, calibration=calib)
         errors[residual] = float(np.mean(np.square(runtime.run(model.to_onnx(), held_out)[0] - reference)))
-    assert [c.residual for c in _consumers(model, dense)] == ["x", "h1"]
+    assert [c.residual for c in _consumers(model, dense, {})] == ["x", "h1"]
     assert errors[True] < errors[False]
     # block 2's weights are the ridge solution for the target o2 + (h1 dense - h1 pruned)
     ours, theirs = ({n: np.asarray(v.values, np.float64) for n, v in m.constants().items()} for m in (model, dense))
@@ -327,3 +327,43 @@ def test_obs_importance_prunes_a_verified_model(tmp_path, trained_simple_net) ->
     assert main(["prune", str(trained_simple_net.path), "-o", str(out), "--ratio", "0.5", "--importance", "obs",
                  "--calib", "random", "--reconstruct"]) == 0
     assert graphprune.load_model(out).param_count() == 220
+
+
+def test_reconstruct_refits_convolutions_and_layers_between_pruned_ones() -> None:
+    """DigitsCNN at 0.5: conv2 and conv3 (input and output channels both pruned) are refit on their
+    im2col patches against the dense output's kept channels, as are both linear layers; the
+    held-out output error drops well below plain pruning's."""
+    import torch
+
+    from graphprune import runtime
+    from graphprune.models.digits import DigitsCNN
+
+    torch.manual_seed(0)
+    net = DigitsCNN()
+    dense = graphprune.from_torch(net, net.example_inputs(), input_names=["image"], dynamic_batch=True)
+    rng = np.random.default_rng(0)
+    calib = {"image": rng.random((640, 1, 8, 8), dtype=np.float32)}  # more samples than fc1 inputs
+    held_out = {"image": rng.random((64, 1, 8, 8), dtype=np.float32)}
+    reference = runtime.run(dense.to_onnx(), held_out)[0]
+    errors, stats = {}, None
+    for reconstruct in (False, True):
+        model = dense.copy()
+        report = graphprune.prune(model, ratio=0.5, calibration=calib, reconstruct=reconstruct)
+        errors[reconstruct] = float(np.mean(np.square(runtime.run(model.to_onnx(), held_out)[0] - reference)))
+        stats = next((p.stats for p in report.passes if p.name == "reconstruct"), stats)
+    assert stats["layers_refit"] == 4
+    assert all(a < b for a, b in zip(stats["relative_error_after"], stats["relative_error_before"], strict=True))
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_reconstruct_keeps_layers_it_cannot_determine(caplog) -> None:
+    """Two calibration samples for three kept inputs: the refit would memorize them, so the layer
+    stays as plain pruning left it, with a warning that asks for more samples."""
+    plain, refit = model_from_text(MLP, seed=4), model_from_text(MLP, seed=4)
+    calib = random_calibration(plain.to_onnx(), samples=2, seed=1)
+    graphprune.prune(plain, ratio=0.5, calibration=calib)
+    report = graphprune.prune(refit, ratio=0.5, calibration=calib, reconstruct=True)
+    stats = next(p.stats for p in report.passes if p.name == "reconstruct")
+    np.testing.assert_array_equal(refit.constants()["w2"].values, plain.constants()["w2"].values)
+    assert stats["relative_error_after"] == stats["relative_error_before"]
+    assert "2 calibration rows for 3 inputs" in caplog.text
