@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import graphprune
 from graphprune import runtime
@@ -36,6 +37,7 @@ def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
 
 def run(ratio: float, kinds: list[str], calib_count: int, epochs: int, lr: float, folder: Path) -> list[dict]:
     x_train, y_train, x_test, y_test = load_digits()
+    torch.manual_seed(0)
     net = DigitsCNN()
     train_digits(net, x_train, y_train, epochs=30)
     dense_path = graphprune.save_model(
