@@ -100,10 +100,10 @@ def hidden_states(student: Model, teacher: Model) -> list[str]:
 
 
 def _check_pair(student: Model, teacher: Model) -> None:
-    def signature(model: Model, tensors) -> list[tuple[str, str]]:
+    def signature(tensors) -> list[tuple[str, str]]:
         return [(t.name, str(np.dtype(t.dtype)) if t.dtype is not None else "?") for t in tensors]
 
-    if signature(student, student.graph.inputs) != signature(teacher, teacher.graph.inputs):
+    if signature(student.graph.inputs) != signature(teacher.graph.inputs):
         raise DistillError("student and teacher take different inputs: "
                            f"{[t.name for t in student.graph.inputs]} vs {[t.name for t in teacher.graph.inputs]}")
     if len(student.graph.outputs) != len(teacher.graph.outputs):
@@ -132,7 +132,7 @@ class _Objective:
 
     def __init__(self, student: Model, teacher: Model, options: DistillOptions) -> None:
         self.options = options
-        self.outputs = [t.name for t in student.graph.outputs]
+        self.outputs = [t.name for t in teacher.graph.outputs]  # the student's match them by position
         self.float_outputs = [i for i, t in enumerate(student.graph.outputs)
                               if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
         if not self.float_outputs:
