@@ -117,12 +117,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="ORT latency, throughput, size side by side")
+    p = sub.add_parser("bench", help="ORT latency, throughput, MACs, size, memory side by side",
+                       description="Time models side by side in ONNX Runtime, interleaved (A, B, A, B, ...) in "
+                                   "--repeats rounds, and report each one's speedup over the first with its "
+                                   "per-round spread.")
     p.add_argument("models", type=Path, nargs="+")
-    p.add_argument("--batch", type=int, default=1, help="size of dynamic batch axes (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="size of symbolic first axes (default 1)")
+    p.add_argument("--seq", type=int, default=128, help="size of the other symbolic axes (default 128)")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMxDIM...",
+                   help="explicit input shape, e.g. image=1x3x224x224 (repeatable; wins over --batch/--seq)")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per model per round (default 50)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="ORT execution provider (cuda falls back to cpu, with a warning, when not installed)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (a child "
+                                                              "process per model)")
+    p.add_argument("--json", type=Path, help="also write the results here (fields: see README)")
+    p.add_argument("--csv", type=Path, help="also write the results here as CSV")
 
 
 def _add_calib(sub: argparse._SubParsersAction) -> None:
@@ -330,15 +343,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from graphprune.bench import bench_models, bench_table
+    from graphprune.bench import bench_models, bench_table, parse_shapes, write_csv
 
-    for name in ("batch", "threads", "runs"):
+    for name in ("batch", "seq", "threads", "runs", "repeats"):
         if getattr(args, name) < 1:
             raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    results = bench_models(args.models, batch=args.batch, threads=args.threads, runs=args.runs)
+    if args.warmup < 0:
+        raise OptionError(f"--warmup must be at least 0, got {args.warmup}")
+    for path in args.models:
+        if not path.is_file():
+            raise OptionError(f"{path} does not exist or is not a file")
+    for label, path in (("--json", args.json), ("--csv", args.csv)):
+        if path is not None and any(_same_file(path, m) for m in args.models):
+            raise OptionError(f"{label} path {path} is one of the models; choose another path")
+    with console.status(f"timing {len(args.models)} models, {args.repeats} interleaved rounds of {args.runs} runs"):
+        results = bench_models(args.models, batch=args.batch, threads=args.threads, runs=args.runs,
+                               warmup=args.warmup, seq=args.seq, shapes=parse_shapes(args.shape),
+                               repeats=args.repeats, provider=args.provider, memory=not args.no_memory)
     console.print(bench_table(results))
     if args.json:
         _write_json(args.json, [r.to_json() for r in results])
+    if args.csv:
+        write_csv(results, args.csv)
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 
 import graphprune
 from graphprune import runtime
@@ -72,12 +73,47 @@ def test_bench_side_by_side(trained_simple_net, tmp_path, capsys) -> None:
     pruned = tmp_path / "p.onnx"
     main(["prune", str(trained_simple_net.path), "-o", str(pruned), "--ratio", "0.5"])
     capsys.readouterr()
-    results = tmp_path / "bench.json"
+    results, table = tmp_path / "bench.json", tmp_path / "bench.csv"
     assert main(["bench", str(trained_simple_net.path), str(pruned), "--runs", "5", "--batch", "4",
-                 "--json", str(results)]) == 0
+                 "--repeats", "2", "--json", str(results), "--csv", str(table)]) == 0
     rows = json.loads(results.read_text())
     assert [r["params"] for r in rows] == [430, 220]
-    assert all(r["batch"] == 4 and r["latency_ms_median"] > 0 for r in rows)
+    assert [r["macs"] for r in rows] == [4 * (10 * 20 + 20 * 10), 4 * (10 * 10 + 10 * 10)]  # batch 4
+    for r in rows:
+        assert r["batch"] == 4 and r["shapes"] == {"x": [4, 10]} and r["provider"] == "CPUExecutionProvider"
+        assert 0 < r["latency_ms_median"] <= r["latency_ms_p90"] <= r["latency_ms_p99"]
+        assert r["throughput"] == pytest.approx(4 / (r["latency_ms_median"] / 1e3))
+        assert r["peak_memory_mb"] > 0 and len(r["speedup_rounds"]) == 2
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
+    import csv
+
+    with open(table) as handle:
+        records = list(csv.DictReader(handle))
+    assert [int(r["params"]) for r in records] == [430, 220] and records[0]["shapes"] == "x=4x10"
+    assert float(records[1]["speedup_min"]) <= float(records[1]["speedup"]) * 1.0001
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_shapes_and_providers(trained_simple_net, tmp_path, capsys, caplog) -> None:
+    path = str(trained_simple_net.path)
+    out = tmp_path / "b.json"
+    assert main(["bench", path, "--shape", "x=3x10", "--runs", "2", "--repeats", "1", "--no-memory",
+                 "--provider", "cuda", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["shapes"] == {"x": [3, 10]} and row["peak_memory_mb"] is None
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert row["provider"] == "CPUExecutionProvider" and "running on CPU" in caplog.text
+    for bad, message in ((["--shape", "x=3x9"], "does not fit the input's shape"),
+                         (["--shape", "y=3x10"], "names no input"),
+                         (["--shape", "x=3xa"], "whole numbers"),
+                         (["--repeats", "0"], "--repeats must be at least 1")):
+        assert main(["bench", path, "--runs", "1", "--no-memory", *bad]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", str(tmp_path / "missing.onnx")]) == 1
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_minilm_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
