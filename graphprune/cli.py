@@ -49,6 +49,19 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--target-latency", type=float, metavar="F",
                         help="about this fraction of the dense ORT CPU latency, timed on this machine while the "
                              "ratio is searched (on the first 8 --calib samples, else random inputs)")
+    _add_structured_options(p)
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--sparsity", type=float, help="zero the smallest fraction F of each weight tensor")
+    weights.add_argument("--weight-threshold", type=float, help="zero every weight with |w| < EPS")
+    p.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'unshare,deps,importance{kind=l1},"
+                                      "prune{ratio=0.5},cleanup,verify' (replaces the options above)")
+    p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--no-verify", action="store_true", help="skip ORT verification after each rewrite")
+    p.add_argument("--external-data", action="store_true", help="always store weights in OUTPUT.data")
+
+
+def _add_structured_options(p: argparse.ArgumentParser) -> None:
+    """What `prune` and `sweep` share: scores, calibration, rounding, allocation, recovery."""
     p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"), default="l2",
                    help="unit score (default l2); activation: weights times activation norms on --calib data; "
                         "taylor: first-order loss change, by gradients through the lowered graph (task loss "
@@ -77,15 +90,25 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                         "--calib inputs so their outputs match the dense model's")
     p.add_argument("--drop-blocks", type=int, metavar="N",
                    help="remove the N residual sub-blocks (attention or MLP) that contribute least")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--sparsity", type=float, help="zero the smallest fraction F of each weight tensor")
-    weights.add_argument("--weight-threshold", type=float, help="zero every weight with |w| < EPS")
-    p.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'unshare,deps,importance{kind=l1},"
-                                      "prune{ratio=0.5},cleanup,verify' (replaces the options above)")
-    p.add_argument("--report", type=Path, help="write the JSON report here")
     p.add_argument("--seed", type=int, default=0, help="seed for sample inputs and random importance")
-    p.add_argument("--no-verify", action="store_true", help="skip ORT verification after each rewrite")
-    p.add_argument("--external-data", action="store_true", help="always store weights in OUTPUT.data")
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="prune at several ratios; table and latency-vs-fidelity plot",
+                       description="Prune INPUT at each of --ratios (with the prune options below), verify each "
+                                   "model, measure fidelity to the dense model on the --calib inputs (else random "
+                                   "ones) and time all side by side; writes the models, sweep.json, sweep.csv and "
+                                   "sweep.png (latency against fidelity) into --out.")
+    p.add_argument("input", type=Path, help="the dense ONNX model")
+    p.add_argument("--ratios", required=True, help="comma-separated fractions of units removed, e.g. 0.1,0.25,0.5")
+    p.add_argument("--out", type=Path, default=Path("graphprune-sweep"), help="output folder (default graphprune-sweep)")
+    _add_structured_options(p)
+    p.add_argument("--batch", type=int, default=1, help="timing: size of symbolic first axes (default 1)")
+    p.add_argument("--seq", type=int, default=128, help="timing: size of other symbolic axes (default 128)")
+    p.add_argument("--shape", action="append", metavar="NAME=DIMxDIM...", help="timing: explicit input shape")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per model per round (default 30)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -185,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
     parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_prune, _add_inspect, _add_export, _add_bench, _add_calib, _add_distill, _add_demo):
+    for add in (_add_prune, _add_sweep, _add_inspect, _add_export, _add_bench, _add_calib, _add_distill,
+                _add_demo):
         add(sub)
     return parser
 
@@ -244,17 +268,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise OptionError(f"--pipeline replaces --{given[0].replace('_', '-')}; give one or the other")
         options = {}
     else:
-        options = dict(shortcuts, importance=args.importance, round_to=args.round_to, round_mode=args.round_mode,
-                       prune_hidden=args.prune_hidden, reconstruct=args.reconstruct, allocation=args.allocation,
-                       head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio, channel_ratio=args.channel_ratio)
+        options = dict(shortcuts, **_structured_options(args))
         api.build_pipeline(**options)  # validate before loading anything
     model = load_model(args.input)
     calibration = _calibration(args.calib, model, args.seed)
-    labels = None
-    if args.calib not in (None, "random"):
-        from graphprune.calib import load_labels
-
-        labels = load_labels(Path(args.calib), model.to_onnx())
+    labels = _labels(args.calib, model)
     with console.status("pruning") as status:
         def progress(name: str, index: int, total: int) -> None:
             status.update(f"[{index + 1}/{total}] {name}")
@@ -270,6 +288,61 @@ def cmd_prune(args: argparse.Namespace) -> int:
             args.output.with_name(args.output.name + ".data").unlink(missing_ok=True)
             raise OutputError(f"cannot write report {args.report}: {first_line(exc)}") from exc
     print_report(report, args.output)
+    return 0
+
+
+def _structured_options(args: argparse.Namespace) -> dict:
+    return {"importance": args.importance, "round_to": args.round_to, "round_mode": args.round_mode,
+            "prune_hidden": args.prune_hidden, "reconstruct": args.reconstruct, "allocation": args.allocation,
+            "head_ratio": args.head_ratio, "ffn_ratio": args.ffn_ratio, "channel_ratio": args.channel_ratio,
+            "drop_blocks": args.drop_blocks}
+
+
+def _labels(spec: str | None, model):
+    if spec in (None, "random"):
+        return None
+    from graphprune.calib import load_labels
+
+    return load_labels(Path(spec), model.to_onnx())
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from graphprune.bench import parse_shapes
+    from graphprune.calib import random_calibration
+    from graphprune.sweep import sweep
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise OptionError(f"--ratios {args.ratios!r}: give comma-separated fractions, e.g. 0.1,0.25,0.5") from None
+    for name in ("batch", "seq", "runs", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise OptionError(f"--out {args.out} is a file; give a folder")
+    if args.out.resolve() == args.input.resolve().parent:
+        raise OptionError(f"--out {args.out} is the input's folder; choose a folder of its own")
+    options = _structured_options(args)
+    api.build_pipeline(ratio=0.5, **options)  # validate before loading anything
+    model = load_model(args.input)
+    calibration = _calibration(args.calib, model, args.seed)
+    feeds = calibration if calibration is not None else random_calibration(model.to_onnx(), seed=args.seed)
+    bench_options = {"threads": args.threads, "runs": args.runs, "repeats": args.repeats, "batch": args.batch,
+                     "seq": args.seq, "shapes": parse_shapes(args.shape)}
+    if calibration is not None and not args.shape:  # time real inputs, --batch of them
+        bench_options["feeds"] = {name: array[:args.batch] for name, array in calibration.items()}
+    with console.status("sweeping") as status:
+        points = sweep(args.input, ratios, args.out, feeds, options, calibration=calibration,
+                       labels=_labels(args.calib, model), bench_options=bench_options,
+                       progress=lambda text: status.update(text))
+    table = Table(title=f"graphprune sweep: {args.input.name} ({len(next(iter(feeds.values())))} fidelity samples)")
+    for column in ("removed", "model", "params", "MACs", "p50 ms", "speedup", "cosine", "top-1"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for p in points:
+        table.add_row(f"{p.ratio:.0%}", Path(p.path).name, f"{p.params:,}", f"{p.macs:,}", f"{p.latency_ms:.3f}",
+                      f"{p.speedup:.2f}x", f"{p.cosine:.4f}", "-" if p.top1_agreement is None else f"{p.top1_agreement:.3f}")
+    console.print(table)
+    console.print(f"wrote {args.out}/: the pruned models (every one verified), sweep.json, sweep.csv, sweep.png")
     return 0
 
 
@@ -428,7 +501,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
+COMMANDS = {"prune": cmd_prune, "sweep": cmd_sweep, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
             "calib": cmd_calib, "distill": cmd_distill, "demo": cmd_demo}
 
 

@@ -55,3 +55,16 @@ def dead_units() -> tuple[int, ...]:
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The real all-MiniLM-L6-v2, both exporters, dynamic batch and sequence."""
+
+    from graphprune.models.minilm import english_sentences, export, load_encoder, tokenize
+
+    folder = tmp_path_factory.mktemp("minilm")
+    encoder = load_encoder()
+    feeds = tokenize(list(english_sentences()[:2]), seq=16)
+    return {exporter: graphprune.save_model(export(encoder, feeds, exporter), folder / f"minilm-{exporter}.onnx")
+            for exporter in ("dynamo", "torchscript")}

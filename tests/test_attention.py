@@ -174,19 +174,6 @@ def test_drop_blocks_refuses_to_drop_every_block(headed_paths, tmp_path, capsys)
     assert not (tmp_path / "p.onnx").exists()
 
 
-@pytest.fixture(scope="session")
-def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The real all-MiniLM-L6-v2, both exporters, dynamic batch and sequence."""
-
-    from graphprune.models.minilm import english_sentences, export, load_encoder, tokenize
-
-    folder = tmp_path_factory.mktemp("minilm")
-    encoder = load_encoder()
-    feeds = tokenize(list(english_sentences()[:2]), seq=16)
-    return {exporter: graphprune.save_model(export(encoder, feeds, exporter), folder / f"minilm-{exporter}.onnx")
-            for exporter in ("dynamo", "torchscript")}
-
-
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_minilm_heads_and_neurons(minilm_paths, tmp_path, exporter: str) -> None:
     path = minilm_paths[exporter]
