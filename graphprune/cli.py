@@ -56,6 +56,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'unshare,deps,importance{kind=l1},"
                                       "prune{ratio=0.5},cleanup,verify' (replaces the options above)")
     p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--report-dir", type=Path, metavar="DIR",
+                   help="write report.json and charts (units.png: units kept per group; importance.png: the "
+                        "score spread per group) into DIR")
     p.add_argument("--no-verify", action="store_true", help="skip ORT verification after each rewrite")
     p.add_argument("--external-data", action="store_true", help="always store weights in OUTPUT.data")
 
@@ -287,6 +290,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             args.output.unlink(missing_ok=True)
             args.output.with_name(args.output.name + ".data").unlink(missing_ok=True)
             raise OutputError(f"cannot write report {args.report}: {first_line(exc)}") from exc
+    if args.report_dir:
+        from graphprune.charts import write_report_dir
+
+        written = write_report_dir(report, args.report_dir, name=args.input.name)
+        console.print(f"report charts: {', '.join(str(p) for p in written)}")
     print_report(report, args.output)
     return 0
 

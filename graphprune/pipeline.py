@@ -21,6 +21,7 @@ import numpy as np
 from graphprune import cost, runtime
 from graphprune.errors import GraphpruneError, PipelineError, VerificationError
 from graphprune.ir import Model, first_line
+from graphprune.plan import group_label
 
 logger = logging.getLogger(__name__)
 
@@ -323,8 +324,13 @@ class PassManager:
             seconds = time.perf_counter() - start
             deps = self.am.cached("analyze-deps")  # run by this pass or asked for by it
             if deps is not None and not report.groups:
-                report.groups = [{"id": g.id, "kind": g.kind, "units_before": g.units, "units_after": g.units,
-                                  "frozen": bool(g.frozen)} for g in deps.weight_groups]
+                report.groups = [{"id": g.id, "kind": g.kind, "label": group_label(g), "units_before": g.units,
+                                  "units_after": g.units, "frozen": bool(g.frozen)} for g in deps.weight_groups]
+            importance = self.am.cached("score-importance")
+            if importance is not None and report.groups and "scores" not in report.groups[0]:
+                for entry in report.groups:  # for the report's charts: every unit's score, as scored
+                    values = importance.scores.get(entry["id"])
+                    entry["scores"] = None if values is None else [float(v) for v in values]
             if isinstance(p, RewritePass) and outcome.modified:
                 self.am.invalidate()
                 if self.verify:

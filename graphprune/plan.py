@@ -160,5 +160,8 @@ def _global_counts(groups: list[Group], scores: Mapping[int, np.ndarray], ratio_
 
 
 def group_label(group: Group) -> str:
-    first = group.weights[0] if group.weights else group.members[0]
+    """A readable name for the group: its first weight named after a module (`layer.0.fc.weight`)
+    when there is one (exporters also give weights names like `val_95`), else its first member."""
+    named = [m for m in group.weights if "." in m.tensor]
+    first = (named or list(group.weights) or list(group.members))[0]
     return f"{first.tensor}[axis {first.axis}]"
