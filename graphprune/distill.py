@@ -198,7 +198,9 @@ def distill(student: Model, teacher: Model, feeds: dict[str, np.ndarray], option
         optimizer, lambda step: min(1.0, (step + 1) / max(1, total // 10)) * 0.5 * (1 + math.cos(math.pi * step / total)))
     rng = np.random.default_rng(options.seed)
     module.train()
-    for _ in range(options.epochs):
+    for epoch in range(options.epochs):
+        if epoch:
+            logger.info("distill: epoch %d/%d done, last loss %.4g", epoch, options.epochs, result.steps[-1])
         order = rng.permutation(count)
         shuffled = {name: array[order] for name, array in feeds.items()}
         for batch in objective.batches(shuffled):

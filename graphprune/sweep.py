@@ -80,7 +80,11 @@ def sweep(dense_path: Path, ratios: list[float], out: Path, feeds: dict[str, np.
     if len(set(ratios)) != len(ratios):
         raise OptionError(f"--ratios has repeats: {ratios}")
     out.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda _: None)
+    def say(text: str) -> None:
+        logger.info("sweep: %s", text)
+        if progress:
+            progress(text)
+
     reference = _outputs(dense_path, feeds)
     paths, scores = [dense_path], [(1.0, fidelity(reference, reference, feeds)[1])]
     for ratio in sorted(ratios):

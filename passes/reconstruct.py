@@ -259,8 +259,11 @@ class ReconstructPass(RewritePass):
         outputs = dict.fromkeys([c.x for c in consumers] + list(skips.values()), np.float32)
         proto = runtime.with_outputs(runtime.with_weight_inputs(model.to_onnx(), set(weights)), outputs)
         session = runtime.session(proto, threads=2)
-        errors = [self._refit(model, consumer, session, weights, targets, skips.get(consumer.y))
-                  for consumer in consumers]
+        errors = []
+        for index, consumer in enumerate(consumers):
+            errors.append(self._refit(model, consumer, session, weights, targets, skips.get(consumer.y)))
+            logger.info("reconstruct %d/%d: %s, relative error %.4g -> %.4g", index + 1, len(consumers),
+                        consumer.weight, *errors[-1])
         return PassResult(True, {"layers_refit": len(consumers),
                                  "relative_error_before": [round(b, 6) for b, _ in errors],
                                  "relative_error_after": [round(a, 6) for _, a in errors]})
