@@ -209,3 +209,22 @@ def test_verbose_logs_steps_and_quiet_turns_progress_off(trained_simple_net, tmp
     finally:
         progress.ENABLED = True
         logging.getLogger("graphprune").setLevel(logging.NOTSET)
+
+
+def test_bench_minilm_pair_and_cnn_pair(minilm_paths, tmp_path) -> None:
+    from graphprune.models.digits import DigitsCNN
+
+    net = DigitsCNN()
+    cnn = graphprune.save_model(graphprune.from_torch(net, net.example_inputs(), input_names=["image"],
+                                                      dynamic_batch=True), tmp_path / "cnn.onnx")
+    pairs = {"minilm": (minilm_paths["dynamo"], ["--batch", "2", "--seq", "16"]),
+             "cnn": (cnn, ["--shape", "image=8x1x8x8"])}
+    for name, (dense, shape) in pairs.items():
+        pruned = tmp_path / f"{name}-half.onnx"
+        assert main(["prune", str(dense), "-o", str(pruned), "--ratio", "0.5"]) == 0
+        out = tmp_path / f"{name}.json"
+        assert main(["bench", str(dense), str(pruned), "--runs", "3", "--repeats", "2", "--no-memory",
+                     "--json", str(out), *shape]) == 0
+        first, second = json.loads(out.read_text())
+        assert first["params"] > second["params"] and first["macs"] > 1.5 * second["macs"]
+        assert first["shapes"] == second["shapes"] and second["speedup"] > 0
