@@ -65,6 +65,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 def _add_structured_options(p: argparse.ArgumentParser) -> None:
     """What `prune` and `sweep` share: scores, calibration, rounding, allocation, recovery."""
+    p.add_argument("--upgrade-opset", action="store_true",
+                   help="convert a model older than opset 11 to opset 17 first (onnx.version_converter)")
     p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"), default="l2",
                    help="unit score (default l2); activation: weights times activation norms on --calib data; "
                         "taylor: first-order loss change, by gradients through the lowered graph (task loss "
@@ -276,7 +278,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         options = dict(shortcuts, **_structured_options(args))
         api.build_pipeline(**options)  # validate before loading anything
-    model = load_model(args.input)
+    model = _loaded(args)
     calibration = _calibration(args.calib, model, args.seed)
     labels = _labels(args.calib, model)
     with progress.status(console, "pruning") as status:
@@ -300,6 +302,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         console.print(f"report charts: {', '.join(str(p) for p in written)}")
     print_report(report, args.output)
     return 0
+
+
+def _loaded(args: argparse.Namespace):
+    """The input model, converted to a supported opset when --upgrade-opset asks for it."""
+    from graphprune.ir import MIN_OPSET, upgrade_opset
+
+    model = load_model(args.input)
+    if args.upgrade_opset and (model.graph.opset or MIN_OPSET) < MIN_OPSET:
+        model = upgrade_opset(model)
+    return model
 
 
 def _structured_options(args: argparse.Namespace) -> dict:
@@ -335,7 +347,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise OptionError(f"--out {args.out} is the input's folder; choose a folder of its own")
     options = _structured_options(args)
     api.build_pipeline(ratio=0.5, **options)  # validate before loading anything
-    model = load_model(args.input)
+    model = _loaded(args)
+    input_path = args.input
+    if args.upgrade_opset:  # the sweep prunes from a file: the converted one, kept beside the results
+        args.out.mkdir(parents=True, exist_ok=True)
+        input_path = save_model(model, args.out / f"{args.input.stem}-opset{model.graph.opset}.onnx")
     calibration = _calibration(args.calib, model, args.seed)
     feeds = calibration if calibration is not None else random_calibration(model.to_onnx(), seed=args.seed)
     bench_options = {"threads": args.threads, "runs": args.runs, "repeats": args.repeats, "batch": args.batch,
@@ -343,7 +359,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if calibration is not None and not args.shape:  # time real inputs, --batch of them
         bench_options["feeds"] = {name: array[:args.batch] for name, array in calibration.items()}
     with progress.status(console, "sweeping") as status:
-        points = sweep(args.input, ratios, args.out, feeds, options, calibration=calibration,
+        points = sweep(input_path, ratios, args.out, feeds, options, calibration=calibration,
                        labels=_labels(args.calib, model), bench_options=bench_options,
                        progress=lambda text: status.update(text))
     table = Table(title=f"graphprune sweep: {args.input.name} ({len(next(iter(feeds.values())))} fidelity samples)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
@@ -268,6 +269,41 @@ def _copy_without_weights(proto: onnx.ModelProto, into: onnx.ModelProto) -> None
 
 
 # -- loading --------------------------------------------------------------------------------------
+#: the oldest default-domain opset the rules and the lowering are written and tested for (Slice,
+#: Clip, Pad and Resize changed their inputs up to opset 11; attribute forms of later changes, such
+#: as Split/Squeeze/Reduce* axes before 13 and Softmax's coerced axis before 13, are handled);
+#: older models are converted on request (`upgrade_opset`)
+MIN_OPSET = 11
+#: what `upgrade_opset` converts to
+UPGRADE_OPSET = 17
+
+
+def check_supported(model: Model) -> None:
+    """Refuse, with the remedy, what graphprune cannot prune safely: default-domain opsets older than
+    MIN_OPSET, and weights holding NaN or infinite values (no score or output check means anything)."""
+    opset = model.graph.opset
+    if opset is not None and opset < MIN_OPSET:
+        raise InvalidGraphError(f"the model uses ONNX opset {opset}; graphprune supports opset {MIN_OPSET} and newer: "
+                                f"rerun with --upgrade-opset (converts it to opset {UPGRADE_OPSET} with "
+                                "onnx.version_converter) or convert it yourself")
+    for const in model.constants().values():
+        values = np.asarray(const.values)
+        if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            raise InvalidGraphError(f"initializer '{const.name}' holds {nan} NaN and {inf} infinite values: "
+                                    "no importance score or output check would mean anything; fix the weights first")
+
+
+def upgrade_opset(model: Model, target: int = UPGRADE_OPSET) -> Model:
+    """The model converted to default-domain opset `target` by onnx.version_converter."""
+    try:
+        converted = onnx.version_converter.convert_version(model.to_onnx(), target)
+    except Exception as exc:  # the converter raises several unrelated types
+        raise InvalidGraphError(f"cannot convert the model from opset {model.graph.opset} to {target}: "
+                                f"{first_line(exc)}") from exc
+    return Model.from_onnx(converted, model.source)
+
+
 def load_model(path: str | os.PathLike) -> Model:
     """Load and validate an ONNX file; every problem becomes a one-line ModelLoadError."""
     path = Path(path)

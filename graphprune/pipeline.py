@@ -20,7 +20,7 @@ import numpy as np
 
 from graphprune import cost, runtime
 from graphprune.errors import GraphpruneError, PipelineError, VerificationError
-from graphprune.ir import Model, first_line
+from graphprune.ir import Model, check_supported, first_line
 from graphprune.plan import group_label
 
 logger = logging.getLogger(__name__)
@@ -287,6 +287,7 @@ class PassManager:
         self.am = AnalysisManager()
 
     def run(self, model: Model) -> Report:
+        check_supported(model)
         for p in self.passes:
             if isinstance(p, RewritePass):
                 p.check(model, self.am)

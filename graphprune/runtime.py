@@ -21,6 +21,8 @@ ort.set_default_logger_severity(3)
 
 #: size used for symbolic (dynamic) input dims when making sample inputs
 DEFAULT_DYNAMIC_DIM = 2
+#: sample inputs larger than this (elements per input) are refused rather than allocated
+MAX_SAMPLE_ELEMENTS = 1 << 28
 
 
 def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
@@ -34,6 +36,9 @@ def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFA
             continue
         ttype = value.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else dynamic_dim for d in ttype.shape.dim]
+        if np.prod(shape, dtype=np.float64) > MAX_SAMPLE_ELEMENTS:
+            raise VerificationError(f"input '{value.name}' declares shape {shape}: {np.prod(shape, dtype=np.float64):.3g} "
+                                    f"elements, too many to run a check with (limit {MAX_SAMPLE_ELEMENTS:,})")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
         if np.issubdtype(dtype, np.floating):
             values = rng.standard_normal(shape)

@@ -212,3 +212,90 @@ def test_other_commands_refuse_bad_input_in_one_line(capsys, model_dir, tmp_path
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and expect in lines[0], lines
     assert not (tmp_path / "out.onnx").exists() and _digest(model_dir) == before
+
+
+def _small_mlp(path: Path, opset: int = 17, w1=None) -> Path:
+    """x[N, 4] -> MatMul w1 -> Relu -> MatMul w2 -> y[N, 3], written with onnx.helper."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 6)).astype(np.float32) if w1 is None else w1
+    w2 = rng.standard_normal((6, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    onnx.save(model, str(path))
+    return path
+
+
+def test_opset_older_than_supported_is_refused_with_the_remedy(capsys, tmp_path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _small_mlp(folder / "old.onnx", opset=7)
+    run_refused(capsys, path, tmp_path / "o.onnx", "--ratio", "0.5", expect="opset 7; graphprune supports opset 11")
+    out = tmp_path / "up.onnx"
+    assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--upgrade-opset"]) == 0
+    converted = onnx.load(str(out))
+    assert [o.version for o in converted.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert graphprune.load_model(out).param_count() == 21  # 6 -> 3 hidden units
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_weights_are_refused(capsys, tmp_path, bad: str) -> None:
+    import numpy as np
+
+    w1 = np.ones((4, 6), np.float32)
+    w1[1, 2] = np.nan if bad == "nan" else -np.inf
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _small_mlp(folder / "w.onnx", w1=w1)
+    expect = "holds 1 NaN and 0 infinite" if bad == "nan" else "holds 0 NaN and 1 infinite"
+    run_refused(capsys, path, tmp_path / "o.onnx", "--ratio", "0.5", expect=f"initializer 'w1' {expect}")
+
+
+def test_absurd_input_dims_are_refused_not_allocated(capsys, tmp_path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _small_mlp(folder / "big.onnx")
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 10**12
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 10**12
+    onnx.save(model, str(path))
+    run_refused(capsys, path, tmp_path / "o.onnx", "--ratio", "0.5", expect="too many to run a check with")
+
+
+def test_control_flow_freezes_what_it_reads(tmp_path) -> None:
+    """An If whose branches read the hidden activation: that group is frozen with the reason, and
+    pruning leaves a verified, unchanged model."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    then = helper.make_graph([helper.make_node("MatMul", ["r", "w2"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["r"], ["n"]), helper.make_node("MatMul", ["n", "w2"], ["e"])],
+                              "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "cf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "if.onnx"
+    onnx.save(model, str(path))
+    deps = graphprune.inspect(graphprune.load_model(path))
+    hidden = next(g for g in deps.weight_groups if g.units == 6)
+    assert not hidden.prunable and any("subgraph of If" in reason for reason in hidden.frozen)
+    pruned = graphprune.load_model(path)
+    report = graphprune.prune(pruned, ratio=0.5)
+    assert report.verified and pruned.param_count() == graphprune.load_model(path).param_count()
