@@ -299,3 +299,41 @@ def test_control_flow_freezes_what_it_reads(tmp_path) -> None:
     pruned = graphprune.load_model(path)
     report = graphprune.prune(pruned, ratio=0.5)
     assert report.verified and pruned.param_count() == graphprune.load_model(path).param_count()
+
+
+def _edited_mlp(path: Path, edit: str) -> Path:
+    """The small MLP with one defect: a tensor written twice, a cycle, an op of an unknown custom
+    domain, or a zero-size weight."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    _small_mlp(path)
+    model = onnx.load(str(path))
+    nodes = model.graph.node
+    if edit == "duplicate":
+        nodes[1].output[0] = "m"  # Relu writes m, which MatMul already wrote
+        nodes[2].input[0] = "m"
+    elif edit == "cycle":
+        add = helper.make_node("Add", ["m", "r"], ["a"])
+        nodes[1].input[0] = "a"
+        nodes.insert(1, add)
+    elif edit == "custom":
+        nodes[1].op_type, nodes[1].domain = "FancyAct", "com.example"
+        model.opset_import.append(helper.make_opsetid("com.example", 1))
+    elif edit == "zero":
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((4, 0), np.float32), "w1"))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("edit", "expect"), [
+    ("duplicate", "'m' has been used as output names multiple times"),
+    ("cycle", "reads tensor 'r', which no earlier node"),
+    ("custom", "com.example:FancyAct"),
+    ("zero", "Incompatible dimensions"),
+])
+def test_malformed_graphs_are_refused(capsys, tmp_path, edit: str, expect: str) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _edited_mlp(folder / f"{edit}.onnx", edit)
+    run_refused(capsys, path, tmp_path / "o.onnx", "--ratio", "0.5", expect=expect)
