@@ -95,13 +95,13 @@ def gpt2() -> nn.Module:
     return _WithMask(GPT2Model(config), config.vocab_size)
 
 
-def llama() -> nn.Module:
+def llama(layers: int = SMALL["num_hidden_layers"]) -> nn.Module:
     """LLaMA with grouped-query attention (4 query heads share 2 KV heads), RoPE, SwiGLU, RMSNorm."""
     from transformers import LlamaConfig, LlamaModel
 
     _seed()
     config = LlamaConfig(vocab_size=100, max_position_embeddings=32, num_key_value_heads=2,
-                         attn_implementation="eager", **SMALL)
+                         attn_implementation="eager", **(SMALL | {"num_hidden_layers": layers}))
     return _WithMask(LlamaModel(config), config.vocab_size)
 
 
