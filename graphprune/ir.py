@@ -401,6 +401,18 @@ def check_graph(proto: onnx.ModelProto, where: str = "model") -> None:
 
 
 # -- saving ---------------------------------------------------------------------------------------
+def _inline_small_integers(proto: onnx.ModelProto, limit: int = 1 << 16) -> None:
+    """Store small int32/int64 initializers in their typed fields rather than raw bytes: onnx's
+    external-data conversion only moves raw bytes, so these stay in the model file."""
+    fields = {onnx.TensorProto.INT64: ("int64_data", np.int64), onnx.TensorProto.INT32: ("int32_data", np.int32)}
+    for tensor in proto.graph.initializer:
+        if tensor.data_type in fields and tensor.HasField("raw_data") and len(tensor.raw_data) <= limit:
+            name, dtype = fields[tensor.data_type]
+            values = np.frombuffer(tensor.raw_data, dtype=np.dtype(dtype).newbyteorder("<"))
+            tensor.ClearField("raw_data")
+            getattr(tensor, name).extend(int(v) for v in values)
+
+
 def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write atomically: everything goes to a temporary folder beside `path`, then is renamed in.
 
@@ -410,8 +422,11 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
     path = Path(path)
     proto = model.to_onnx() if isinstance(model, Model) else clone_proto(model)
     weight_bytes = proto_bytes(proto)
-    # asked for explicitly, every tensor goes out; chosen for size, small ones stay inline
+    # asked for explicitly, every float tensor goes out; chosen for size, small ones stay inline.
+    # Small integer tensors (shapes, axes) always stay: ONNX Runtime's shape inference reads them and
+    # does not follow external data.
     size_threshold = 0 if external else 1024
+    _inline_small_integers(proto)
     if external is None:
         external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     try:
