@@ -105,3 +105,12 @@ def check_lowering(model: Model, dynamic_dim: int = 3, seed: int = 1, tolerance:
     diff = runtime.max_relative_diff(reference, outputs)
     assert diff <= tolerance, f"lowered module differs from ONNX Runtime by {diff:.3g} (relative)"
     return diff
+
+
+def check_png(path, min_height: int = 300, min_width: int = 500) -> None:
+    """A chart was drawn: the PNG opens, is at least this many pixels and is not a blank canvas."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[0] >= min_height and image.shape[1] >= min_width, image.shape
+    assert float(np.std(image[..., :3])) > 0.05, "the image is blank"

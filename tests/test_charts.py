@@ -11,14 +11,7 @@ import graphprune
 from graphprune.cli import main
 from graphprune.models.attention import ATTENTION_BUILDERS
 from graphprune.models.digits import DigitsCNN
-
-
-def _check_png(path) -> None:
-    import matplotlib.image
-
-    image = matplotlib.image.imread(str(path))
-    assert image.shape[0] >= 300 and image.shape[1] >= 500
-    assert float(np.std(image[..., :3])) > 0.05
+from graphprune.testing import check_png
 
 
 @pytest.mark.parametrize("name", ["bert", "cnn"])
@@ -39,5 +32,5 @@ def test_report_dir_writes_json_and_charts(tmp_path, capsys, name: str) -> None:
         assert group["label"] and len(group["scores"]) == group["units_before"]
         assert group["units_after"] == -(-group["units_before"] // 2)  # half kept, rounded up
         assert np.all(np.isfinite(group["scores"])) and max(group["scores"]) > 0
-    _check_png(folder / "units.png")
-    _check_png(folder / "importance.png")
+    check_png(folder / "units.png")
+    check_png(folder / "importance.png")

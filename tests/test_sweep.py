@@ -10,14 +10,7 @@ import pytest
 
 import graphprune
 from graphprune.cli import main
-
-
-def _check_png(path) -> None:
-    import matplotlib.image
-
-    image = matplotlib.image.imread(str(path))
-    assert image.shape[0] >= 300 and image.shape[1] >= 500  # pixels: a readable figure
-    assert float(np.std(image[..., :3])) > 0.05  # not a blank canvas
+from graphprune.testing import check_png
 
 
 def test_sweep_minilm_four_ratios(minilm_paths, tmp_path, capsys) -> None:
@@ -41,7 +34,7 @@ def test_sweep_minilm_four_ratios(minilm_paths, tmp_path, capsys) -> None:
         assert graphprune.load_model(p["path"]).param_count() == p["params"]
     with open(out / "sweep.csv") as handle:
         assert [float(r["ratio"]) for r in csv.DictReader(handle)] == [0.0, 0.2, 0.4, 0.6, 0.8]
-    _check_png(out / "sweep.png")
+    check_png(out / "sweep.png")
 
 
 def test_sweep_classifier_reports_top1_and_refuses_bad_ratios(tmp_path, capsys) -> None:
@@ -56,7 +49,7 @@ def test_sweep_classifier_reports_top1_and_refuses_bad_ratios(tmp_path, capsys) 
     points = json.loads((out / "sweep.json").read_text())
     assert [p["ratio"] for p in points] == [0.0, 0.25, 0.5]
     assert points[0]["top1_agreement"] == 1.0 and 0 <= points[2]["top1_agreement"] <= 1
-    _check_png(out / "sweep.png")
+    check_png(out / "sweep.png")
     for ratios, message in (("0.5,1.5", "fractions in (0, 1)"), ("a,b", "comma-separated fractions"),
                             ("0.5,0.5", "repeats")):
         assert main(["sweep", str(path), "--ratios", ratios, "--out", str(tmp_path / "bad")]) == 1
