@@ -32,9 +32,9 @@ class Text:
         self.count += 1
         return f"{stem}{self.count}"
 
-    def weight(self, shape: tuple[int, ...]) -> str:
+    def weight(self, shape: tuple[int, ...], dtype: str = "float") -> str:
         name = self.fresh("w")
-        self.inputs.append(f"float[{', '.join(map(str, shape))}] {name}")
+        self.inputs.append(f"{dtype}[{', '.join(map(str, shape))}] {name}")
         self.weights.append(name)
         return name
 

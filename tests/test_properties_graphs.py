@@ -4,13 +4,14 @@ per-channel scales. Every random graph must (1) prune at any ratio into a verifi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphprune
+from graphprune.fuzz import Text
 from graphprune.testing import check_dead_unit_removal, model_from_text
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -18,28 +19,11 @@ BLOCKS = ("linear", "split_concat", "slice", "residual", "branches", "scale")
 
 
 @dataclass
-class Builder:
-    """Writes ONNX text: one line per node, weights declared as graph inputs (# weights:)."""
+class Builder(Text):
+    """Writes ONNX text for 2-D graphs: `Text` plus the current feature width."""
 
-    input_width: int
+    input_width: int = 0
     width: int = 0
-    lines: list[str] = field(default_factory=list)
-    inputs: list[str] = field(default_factory=list)
-    weights: list[str] = field(default_factory=list)
-    count: int = 0
-
-    def fresh(self, stem: str) -> str:
-        self.count += 1
-        return f"{stem}{self.count}"
-
-    def weight(self, shape: tuple[int, ...], dtype: str = "float") -> str:
-        name = self.fresh("w")
-        self.inputs.append(f"{dtype}[{', '.join(map(str, shape))}] {name}")
-        self.weights.append(name)
-        return name
-
-    def node(self, text: str) -> None:
-        self.lines.append(text)
 
     def __post_init__(self) -> None:
         self.width = self.input_width
@@ -55,16 +39,13 @@ class Builder:
         return out
 
     def text(self, out_width: int) -> str:
-        args = ", ".join([f"float[N, {self.input_width}] x", *self.inputs])
-        return (f"# weights: {' '.join(self.weights)}\n"
-                '<ir_version: 10, opset_import: ["" : 20]>\n'
-                f"g ({args}) => (float[N, {out_width}] y)\n{{\n  " + "\n  ".join(self.lines) + "\n}\n")
+        return self.render(f"float[N, {self.input_width}] x", f"float[N, {out_width}] y")
 
 
 @st.composite
 def graphs(draw: st.DrawFn) -> str:
     width = draw(st.integers(2, 6))
-    builder = Builder(width)
+    builder = Builder(input_width=width)
     current = "x"
     for _ in range(draw(st.integers(1, 4))):
         block = draw(st.sampled_from(BLOCKS))
