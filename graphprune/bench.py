@@ -136,17 +136,9 @@ def random_feeds(proto: onnx.ModelProto, shapes: dict[str, list[int]], seed: int
     from graphprune.calib import model_inputs
 
     rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in model_inputs(proto):
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        shape = shapes[value.name]
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        else:
-            feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feeds
+    return {value.name: runtime.random_array(rng, shapes[value.name],
+                                             onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+            for value in model_inputs(proto)}
 
 
 def macs_at(model: Model, shapes: dict[str, list[int]]) -> int:

@@ -85,12 +85,7 @@ def random_calibration(proto: onnx.ModelProto, samples: int = RANDOM_SAMPLES, se
     out = {}
     for name, array in feeds.items():
         shape = (samples,) + array.shape[1:] if array.ndim else (samples,)
-        if np.issubdtype(array.dtype, np.floating):
-            out[name] = rng.standard_normal(shape).astype(array.dtype)
-        elif array.dtype == np.bool_:
-            out[name] = rng.random(shape) < 0.5
-        else:
-            out[name] = rng.integers(0, 2, size=shape).astype(array.dtype)
+        out[name] = runtime.random_array(rng, shape, array.dtype)
     return out
 
 

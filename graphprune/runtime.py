@@ -39,15 +39,19 @@ def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFA
         if np.prod(shape, dtype=np.float64) > MAX_SAMPLE_ELEMENTS:
             raise VerificationError(f"input '{value.name}' declares shape {shape}: {np.prod(shape, dtype=np.float64):.3g} "
                                     f"elements, too many to run a check with (limit {MAX_SAMPLE_ELEMENTS:,})")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            values = rng.standard_normal(shape)
-        elif dtype == np.bool_:
-            values = rng.random(shape) < 0.5
-        else:
-            values = rng.integers(0, 2, size=shape)
-        feeds[value.name] = np.asarray(values, dtype=dtype)  # rank 0 draws are scalars, ORT wants arrays
+        feeds[value.name] = random_array(rng, shape, onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
     return feeds
+
+
+def random_array(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
+    """Standard normal floats, fair booleans, integers 0 or 1 (valid token ids and indices)."""
+    if np.issubdtype(dtype, np.floating):
+        values = rng.standard_normal(shape)
+    elif dtype == np.bool_:
+        values = rng.random(shape) < 0.5
+    else:
+        values = rng.integers(0, 2, size=shape)
+    return np.asarray(values, dtype=dtype)  # rank 0 draws are scalars, ORT wants arrays
 
 
 def session(proto: onnx.ModelProto, threads: int = 1, providers: list[str] | None = None,
