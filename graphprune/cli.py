@@ -60,7 +60,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    help="write report.json and charts (units.png: units kept per group; importance.png: the "
                         "score spread per group) into DIR")
     p.add_argument("--no-verify", action="store_true", help="skip ORT verification after each rewrite")
-    p.add_argument("--external-data", action="store_true", help="always store weights in OUTPUT.data")
+    p.add_argument("--external-data", action="store_true", help="always store weights in OUTPUT.data (default: when over 1 GiB or when the input had external data)")
 
 
 def _add_structured_options(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from graphprune import weights
 from graphprune.errors import InvalidGraphError, ModelLoadError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,12 @@ logger = logging.getLogger(__name__)
 #: protobuf cannot serialize a message of 2 GiB or more; above this many initializer bytes we
 #: save weights as external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-#: tensors above this size are left out of the skeleton used for shape inference.
-SKELETON_TENSOR_BYTES = 1 << 16
+#: tensors above this size are left out of the skeleton used for shape inference (memory-mapped
+#: ones always are).
+SKELETON_TENSOR_BYTES = weights.MAPPED_MIN_BYTES
+#: external-data tensors start at multiples of this in files graphprune writes (page-aligned, so
+#: ONNX Runtime and graphprune map them without an offset)
+EXTERNAL_ALIGNMENT = 4096
 
 
 @dataclass
@@ -41,8 +46,13 @@ class Model:
     source: Path | None = None
 
     @classmethod
-    def from_onnx(cls, proto: onnx.ModelProto, source: Path | None = None) -> Model:
+    def from_onnx(cls, proto: onnx.ModelProto, source: Path | None = None,
+                  mapped: dict[str, np.ndarray] | None = None) -> Model:
+        """`mapped`: values of initializers whose data `proto` leaves in external files."""
         graph = gs.import_onnx(proto)
+        for name, tensor in graph.tensors().items():
+            if mapped and name in mapped and isinstance(tensor, gs.Constant):
+                tensor.values = mapped[name]
         model = cls(
             graph=graph,
             ir_version=proto.ir_version,
@@ -54,8 +64,18 @@ class Model:
         return model
 
     def to_onnx(self) -> onnx.ModelProto:
+        """The model as ONNX; memory-mapped weights become references to their files (see
+        graphprune.weights), so even a model bigger than memory exports without copying them."""
         self.graph.toposort()
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        # onnx-graphsurgeon exports a LazyValues tensor's proto as it is, without reading its data
+        mapped = [(c, c._values) for c in self.constants().values() if weights.origin(c._values) is not None]
+        for const, values in mapped:
+            const._values = gs.ir.tensor.LazyValues(weights.reference(const.name, values))
+        try:
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        finally:
+            for const, values in mapped:
+                const._values = values
         # IR < 4 lists initializers among graph inputs, which onnx-graphsurgeon does not keep
         proto.ir_version = max(self.ir_version, 4)
         proto.producer_name = self.producer_name
@@ -287,8 +307,10 @@ def check_supported(model: Model) -> None:
                                 f"rerun with --upgrade-opset (converts it to opset {UPGRADE_OPSET} with "
                                 "onnx.version_converter) or convert it yourself")
     for const in model.constants().values():
-        values = np.asarray(const.values)
-        if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+        values = const.values
+        finite = not np.issubdtype(values.dtype, np.floating) or bool(np.all(np.isfinite(values)))
+        weights.release(values)
+        if not finite:
             nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
             raise InvalidGraphError(f"initializer '{const.name}' holds {nan} NaN and {inf} infinite values: "
                                     "no importance score or output check would mean anything; fix the weights first")
@@ -325,11 +347,33 @@ def load_model(path: str | os.PathLike) -> Model:
                              "is the file truncated or of another format?)")
     _check_external_data(proto, path)
     try:
-        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        mapped = _read_external_data(proto, path.parent)
     except Exception as exc:
         raise ModelLoadError(f"{path}: could not read external data: {first_line(exc)}") from exc
     check_graph(proto, where=str(path))
-    return Model.from_onnx(proto, source=path)
+    return Model.from_onnx(proto, source=path, mapped=mapped)
+
+
+def _read_external_data(proto: onnx.ModelProto, folder: Path) -> dict[str, np.ndarray]:
+    """Map the main graph's big external initializers of numpy types (returned by name; in `proto`
+    they become `weights.reference`s) and read every other external tensor into `proto`."""
+    mapped: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(proto.graph.initializer):
+        if not external_data_helper.uses_external_data(tensor) or _tensor_bytes(tensor) <= weights.MAPPED_MIN_BYTES:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if dtype.kind not in "biuf":  # ml_dtypes types (bfloat16, float8) are read the usual way
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        array = weights.map_file(folder / info["location"], int(info.get("offset", 0)), tuple(tensor.dims), dtype)
+        mapped[tensor.name] = array
+        proto.graph.initializer[index].CopyFrom(weights.reference(tensor.name, array))
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor) and weights.referenced(tensor) is None:
+            external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return mapped
 
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
@@ -416,19 +460,19 @@ def _inline_small_integers(proto: onnx.ModelProto, limit: int = 1 << 16) -> None
 def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write atomically: everything goes to a temporary folder beside `path`, then is renamed in.
 
-    `external=None` stores weights in `<name>.data` beside the model when they exceed
-    EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB).
+    Weights go to `<name>.data` beside the model when asked (`external=True`), when they exceed
+    EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB), or when some are memory-mapped (a model
+    loaded with external data keeps that form); mapped bytes are copied file to file.
     """
     path = Path(path)
     proto = model.to_onnx() if isinstance(model, Model) else clone_proto(model)
-    weight_bytes = proto_bytes(proto)
+    if external is None:
+        external = proto_bytes(proto) > EXTERNAL_DATA_THRESHOLD or has_references(proto)
     # asked for explicitly, every float tensor goes out; chosen for size, small ones stay inline.
     # Small integer tensors (shapes, axes) always stay: ONNX Runtime's shape inference reads them and
     # does not follow external data.
-    size_threshold = 0 if external else 1024
+    inline_up_to = 0 if external else 1024
     _inline_small_integers(proto)
-    if external is None:
-        external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -437,19 +481,48 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
     try:
         data_name = f"{path.name}.data"
         staged = staging / path.name
-        if external:
-            onnx.save_model(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=size_threshold)
+        if external or has_references(proto):
+            _write_external_data(proto, staging / data_name, inline_up_to)
             if (staging / data_name).exists():
                 os.replace(staging / data_name, path.parent / data_name)
-        else:
-            onnx.save_model(proto, staged)
+        onnx.save_model(proto, staged)
         os.replace(staged, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def has_references(proto: onnx.ModelProto) -> bool:
+    """Whether `proto` names memory-mapped weights (`weights.reference`) rather than holding them."""
+    return any(weights.referenced(t) is not None for t in proto.graph.initializer)
+
+
+def _write_external_data(proto: onnx.ModelProto, data_path: Path, inline_up_to: int) -> None:
+    """Move initializer bytes (raw bytes over `inline_up_to`, and every mapped reference) into
+    `data_path`, big tensors page-aligned, and point `proto` at them by relative location."""
+    with open(data_path, "wb") as out:
+        for tensor in external_data_helper._get_initializer_tensors(proto):
+            source = weights.referenced(tensor)
+            if source is None and not (tensor.HasField("raw_data") and len(tensor.raw_data) > inline_up_to):
+                continue
+            length = source.length if source is not None else len(tensor.raw_data)
+            if length > SKELETON_TENSOR_BYTES:
+                out.write(bytes(-out.tell() % EXTERNAL_ALIGNMENT))
+            offset = out.tell()
+            if source is not None:
+                weights.copy_bytes(source, out)
+            else:
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+        empty = out.tell() == 0
+    if empty:
+        data_path.unlink()
 
 
 # -- constant sharing -------------------------------------------------------------------------------
@@ -486,6 +559,7 @@ def dedupe_constants(model: Model) -> int:
                 continue
             values = np.asarray(tensor.values)  # a scalar and a [1] tensor are different constants
             key = (values.dtype.str, values.shape, hashlib.sha1(np.ascontiguousarray(values).tobytes()).hexdigest())
+            weights.release(tensor.values)
             first = canonical.setdefault(key, tensor)
             if first is not tensor:
                 node.inputs[index] = first

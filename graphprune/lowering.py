@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from graphprune.errors import GraphpruneError
 from graphprune.ir import Model
+from graphprune.weights import replacement
 
 
 class LoweringError(GraphpruneError):
@@ -683,6 +684,6 @@ def write_back(model: Model, module: fx.GraphModule) -> int:
         if values.shape != old.shape:
             raise LoweringError(f"parameter for '{name}' has shape {values.shape}, the initializer {old.shape}")
         if not np.array_equal(values, old):
-            consts[name].values = values.astype(old.dtype)
+            consts[name].values = replacement(old, values.astype(old.dtype))
             changed += 1
     return changed

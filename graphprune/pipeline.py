@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from graphprune import cost, runtime
+from graphprune import cost, runtime, weights
 from graphprune.errors import GraphpruneError, PipelineError, VerificationError
 from graphprune.ir import Model, check_supported, first_line
 from graphprune.plan import group_label
@@ -323,6 +323,7 @@ class PassManager:
                 raise PipelineError(f"pass '{p.name}' failed with {type(exc).__name__}: "
                                     f"{first_line(exc)}{_after(done)}") from exc
             seconds = time.perf_counter() - start
+            weights.release_all()  # what the pass read of memory-mapped weights leaves memory again
             deps = self.am.cached("analyze-deps")  # run by this pass or asked for by it
             if deps is not None and not report.groups:
                 report.groups = [{"id": g.id, "kind": g.kind, "label": group_label(g), "units_before": g.units,

@@ -22,6 +22,7 @@ from graphprune.plan import Plan
 from graphprune.rules import Slot, slice_start
 from graphprune.rules_conv import group_slot
 from graphprune.shapes import Lit, shape_value
+from graphprune.weights import replacement
 
 logger = logging.getLogger(__name__)
 
@@ -238,10 +239,10 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
     for name, cuts in by_tensor.items():
         tensor = tensors.get(name)  # virtual slots (conv groups) are no tensor
         if isinstance(tensor, gs.Constant):
-            values = np.asarray(tensor.values)
+            values = old = tensor.values
             for axis, indices in cuts:
                 values = np.take(values, indices, axis=axis)
-            tensor.values = np.ascontiguousarray(values)
+            tensor.values = replacement(old, np.ascontiguousarray(values))
             sliced += 1
     for node in list(model.graph.nodes):
         fixup = FIXUPS.get(node.op)

@@ -12,7 +12,14 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import VerificationError
-from graphprune.ir import EXTERNAL_DATA_THRESHOLD, first_line, proto_bytes, save_model, weightless_copy
+from graphprune.ir import (
+    EXTERNAL_DATA_THRESHOLD,
+    first_line,
+    has_references,
+    proto_bytes,
+    save_model,
+    weightless_copy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +71,7 @@ def session(proto: onnx.ModelProto, threads: int = 1, providers: list[str] | Non
     # the spinning threads of one session steal the cores of the one being timed
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or ["CPUExecutionProvider"]
-    if proto_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
+    if proto_bytes(proto) <= EXTERNAL_DATA_THRESHOLD and not has_references(proto):
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="graphprune-ort-") as folder:
         path = save_model(proto, Path(folder) / "model.onnx", external=True)

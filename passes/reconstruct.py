@@ -30,6 +30,7 @@ from graphprune.calib import (
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
+from graphprune.weights import replacement
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ class ReconstructPass(RewritePass):
         after = float(np.sum(refit * (gram @ refit)) - 2 * np.sum(refit * cross)) + target_energy
         if not after < residual:  # the ridge term can cost more than it gains: keep what was there
             return residual / scale, residual / scale
-        weight.values = np.ascontiguousarray(
-            consumer.weight_values(refit, weight.values.shape).astype(weight.values.dtype))
+        weight.values = replacement(weight.values, np.ascontiguousarray(
+            consumer.weight_values(refit, weight.values.shape).astype(weight.values.dtype)))
         weights[consumer.weight] = weight.values
         return residual / scale, max(after, 0.0) / scale

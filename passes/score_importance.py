@@ -7,15 +7,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from graphprune.activation import activation_scores
 from graphprune.calib import RANDOM_SAMPLES, random_calibration
+from graphprune.deps import Group
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.obs import obs_scores
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 from graphprune.plan import Importance, unit_rows
 from graphprune.taylor import taylor_scores
+from graphprune.weights import release
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +31,16 @@ class ImportanceOptions:
     seed: int = 0
 
 
-def _magnitude(rows: list[np.ndarray], kind: str) -> np.ndarray:
-    if kind == "l1":
-        return sum(np.abs(r.astype(np.float64)).sum(axis=1) for r in rows)
-    return np.sqrt(sum(np.square(r.astype(np.float64)).sum(axis=1) for r in rows))
+def _magnitude(tensors: dict[str, gs.Tensor], group: Group, kind: str) -> np.ndarray:
+    """Per-unit l1 or l2 norm over every scored member, a member at a time (a model streamed from
+    disk never has more than one weight in memory here)."""
+    total = np.zeros(group.units)
+    for member in group.scored_weights:
+        values = tensors[member.tensor].values
+        rows = unit_rows(values, member).astype(np.float64)
+        total += np.abs(rows).sum(axis=1) if kind == "l1" else np.square(rows).sum(axis=1)
+        release(values)
+    return total if kind == "l1" else np.sqrt(total)
 
 
 @register
@@ -93,12 +102,11 @@ class ScoreImportancePass(AnalysisPass):
                 terms = [unit_rows(np.asarray(saliency[m.tensor], np.float64), m) for m in group.scored_weights if m.tensor in saliency]
                 if not terms:
                     logger.warning("group %d has no saliency for any member; scoring it by l2", group.id)
-                    scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.scored_weights], "l2")
+                    scores[group.id] = _magnitude(tensors, group, "l2")
                 else:
                     scores[group.id] = np.abs(sum(t.sum(axis=1) for t in terms))
                 continue
             magnitude = "l1" if kind == "l1" else "l2"  # activation: groups no weight reads fall back to l2
-            scores[group.id] = _magnitude([unit_rows(tensors[m.tensor].values, m) for m in group.scored_weights],
-                                          magnitude)
+            scores[group.id] = _magnitude(tensors, group, magnitude)
         return Importance(kind, scores)
 

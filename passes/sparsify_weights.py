@@ -11,6 +11,7 @@ from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.rules import unscored_inputs
+from graphprune.weights import replacement
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class SparsifyWeightsPass(RewritePass):
                 mask = mask.reshape(values.shape)
             newly = int(np.count_nonzero(mask & (values != 0)))
             if newly:
-                tensor.values = np.where(mask, np.zeros((), values.dtype), values)
+                tensor.values = replacement(values, np.where(mask, np.zeros((), values.dtype), values))
             zeroed += newly
             total += values.size
             zeros += int(np.count_nonzero(np.asarray(tensor.values) == 0))
