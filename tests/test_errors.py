@@ -270,32 +270,56 @@ def test_absurd_input_dims_are_refused_not_allocated(capsys, tmp_path) -> None:
     run_refused(capsys, path, tmp_path / "o.onnx", "--ratio", "0.5", expect="too many to run a check with")
 
 
-def test_control_flow_freezes_what_it_reads(tmp_path) -> None:
-    """An If whose branches read the hidden activation: that group is frozen with the reason, and
-    pruning leaves a verified, unchanged model."""
+def _control_flow_model(op: str):
+    """x -> MatMul w1 -> Relu -> r, then `op` computes r @ w2 inside its subgraph: If (both branches
+    read r from the outer scope), Loop (one iteration whose body reads r) or Scan (r is the scanned
+    input, w2 read from the outer scope)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    then = helper.make_graph([helper.make_node("MatMul", ["r", "w2"], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Neg", ["r"], ["n"]), helper.make_node("MatMul", ["n", "w2"], ["e"])],
-                              "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    out = helper.make_tensor_value_info
+    inputs = [out("x", TensorProto.FLOAT, ["N", 4])]
+    if op == "If":
+        then = helper.make_graph([helper.make_node("MatMul", ["r", "w2"], ["t"])], "then", [],
+                                 [out("t", TensorProto.FLOAT, None)])
+        other = helper.make_graph([helper.make_node("Neg", ["r"], ["n"]), helper.make_node("MatMul", ["n", "w2"], ["e"])],
+                                  "else", [], [out("e", TensorProto.FLOAT, None)])
+        node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)
+        inputs.append(out("c", TensorProto.BOOL, []))
+        y = out("y", TensorProto.FLOAT, ["N", 3])
+    elif op == "Loop":
+        body = helper.make_graph(
+            [helper.make_node("MatMul", ["r", "w2"], ["t"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+            "body", [out("i", TensorProto.INT64, []), out("cond_in", TensorProto.BOOL, [])],
+            [out("cond_out", TensorProto.BOOL, []), out("t", TensorProto.FLOAT, None)])
+        node = helper.make_node("Loop", ["trips", ""], ["y"], body=body)
+        y = out("y", TensorProto.FLOAT, [1, "N", 3])
+    else:
+        body = helper.make_graph([helper.make_node("MatMul", ["row", "w2"], ["t"])], "body",
+                                 [out("row", TensorProto.FLOAT, [6])], [out("t", TensorProto.FLOAT, [3])])
+        node = helper.make_node("Scan", ["r"], ["y"], body=body, num_scan_inputs=1)
+        y = out("y", TensorProto.FLOAT, ["N", 3])
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
-         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "cf",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
-         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["r"]), node], "cf",
+        inputs, [y],
         [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w1"),
-         numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "w2")])
+         numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "w2"),
+         numpy_helper.from_array(np.array(1, np.int64), "trips")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    path = tmp_path / "if.onnx"
-    onnx.save(model, str(path))
+    return model
+
+
+@pytest.mark.parametrize("op", ["If", "Loop", "Scan"])
+def test_control_flow_freezes_what_it_reads(tmp_path, op: str) -> None:
+    """Control flow whose subgraph reads the hidden activation: that group is frozen with the
+    reason, and pruning leaves a verified, unchanged model."""
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(_control_flow_model(op), str(path))
     deps = graphprune.inspect(graphprune.load_model(path))
     hidden = next(g for g in deps.weight_groups if g.units == 6)
-    assert not hidden.prunable and any("subgraph of If" in reason for reason in hidden.frozen)
+    assert not hidden.prunable and any(op in reason for reason in hidden.frozen), hidden.frozen
     pruned = graphprune.load_model(path)
     report = graphprune.prune(pruned, ratio=0.5)
     assert report.verified and pruned.param_count() == graphprune.load_model(path).param_count()
