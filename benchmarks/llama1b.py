@@ -8,7 +8,8 @@ FFN 5632, vocab 32000: 953M parameters, 3.81 GB of fp32 external data), then pru
 (heads and FFN neurons by magnitude, verified with ONNX Runtime before and after every rewrite).
 Each step runs as its own process; its wall time and peak resident memory (the kernel's ru_maxrss
 for that process, which counts mapped file pages as well as allocations) are recorded against the
-size of the weights. Not a test: it writes about 7 GB to disk and takes a minute or two.
+size of the weights. Last, `graphprune bench` times the dense and pruned models side by side
+(batch 1, sequence 32). Not a test: it writes about 7 GB to disk and takes a few minutes.
 """
 
 from __future__ import annotations
@@ -43,12 +44,16 @@ def main() -> None:
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
     dense, pruned, report = args.folder / "llama1b.onnx", args.folder / "pruned.onnx", args.folder / "report.json"
+    timing = args.folder / "bench.json"
     try:
         write = measured([sys.executable, "-m", "graphprune.models.llama_writer", str(dense)])
         weight_bytes = dense.with_name(dense.name + ".data").stat().st_size
         prune = measured([sys.executable, "-m", "graphprune", "prune", str(dense), "-o", str(pruned),
                           "--ratio", str(args.ratio), "--report", str(report)])
         summary = json.loads(report.read_text())
+        subprocess.run([sys.executable, "-m", "graphprune", "bench", str(dense), str(pruned), "--seq", "32",
+                        "--runs", "3", "--repeats", "3", "--warmup", "1", "--json", str(timing)], check=True)
+        dense_run, pruned_run = json.loads(timing.read_text())
         result = {
             "model": "LLaMA-style decoder from models/llama_writer.py (defaults), fp32 external data",
             "command": f"graphprune prune llama1b.onnx -o pruned.onnx --ratio {args.ratio}",
@@ -60,6 +65,10 @@ def main() -> None:
             "pruned_weight_bytes": pruned.with_name(pruned.name + ".data").stat().st_size,
             "verified": summary["verified"],
             "pass_seconds": {p["name"]: p["seconds"] for p in summary["passes"]},
+            "bench": {"shape": "batch 1 x sequence 32",
+                      "latency_ms_median": [round(r["latency_ms_median"], 1) for r in (dense_run, pruned_run)],
+                      "speedup": round(pruned_run["speedup"], 2), "speedup_rounds": pruned_run["speedup_rounds"],
+                      "session_peak_memory_mb": [r["peak_memory_mb"] for r in (dense_run, pruned_run)]},
         }
     finally:
         if not args.keep:

@@ -183,8 +183,8 @@ def _peak_memory_child(path: str, feeds: dict[str, np.ndarray], threads: int, pr
 def peak_memory_mb(path: Path, feeds: dict[str, np.ndarray], threads: int, providers: list[str],
                    runs: int = 2) -> float | None:
     """Resident-set growth of a fresh process that loads the model, creates its session and runs it.
-    The model's weights are read before the baseline, so this is the session's own memory: its copy
-    of the weights, prepacked kernels and activation buffers. None where /proc is not available."""
+    The model is loaded before the baseline, so this is the session's own memory: its copy of the
+    weights, prepacked kernels and activation buffers. None where /proc is not available."""
     if not Path("/proc/self/clear_refs").exists():
         return None
     context = multiprocessing.get_context("spawn")
