@@ -460,18 +460,18 @@ def _inline_small_integers(proto: onnx.ModelProto, limit: int = 1 << 16) -> None
 def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write atomically: everything goes to a temporary folder beside `path`, then is renamed in.
 
-    Weights go to `<name>.data` beside the model when asked (`external=True`), when they exceed
-    EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB), or when some are memory-mapped (a model
-    loaded with external data keeps that form); mapped bytes are copied file to file.
+    Weights go to `<name>.data` beside the model when asked (`external=True`), and whatever is
+    asked when they exceed EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB) or some are
+    memory-mapped (a model loaded with external data keeps that form; mapped bytes are copied file
+    to file).
     """
     path = Path(path)
     proto = model.to_onnx() if isinstance(model, Model) else clone_proto(model)
-    if external is None:
-        external = proto_bytes(proto) > EXTERNAL_DATA_THRESHOLD or has_references(proto)
     # asked for explicitly, every float tensor goes out; chosen for size, small ones stay inline.
     # Small integer tensors (shapes, axes) always stay: ONNX Runtime's shape inference reads them and
     # does not follow external data.
     inline_up_to = 0 if external else 1024
+    external = bool(external) or proto_bytes(proto) > EXTERNAL_DATA_THRESHOLD or has_references(proto)
     _inline_small_integers(proto)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,7 +481,7 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
     try:
         data_name = f"{path.name}.data"
         staged = staging / path.name
-        if external or has_references(proto):
+        if external:
             _write_external_data(proto, staging / data_name, inline_up_to)
             if (staging / data_name).exists():
                 os.replace(staging / data_name, path.parent / data_name)

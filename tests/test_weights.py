@@ -111,3 +111,18 @@ def test_pruning_a_mapped_model_is_deterministic(llama, tmp_path) -> None:
         outputs.append((out.read_bytes(), out.with_name("pruned.onnx.data").read_bytes()))
     assert outputs[0] == outputs[1]
     assert len(outputs[0][1]) < llama.with_name("llama.onnx.data").stat().st_size
+
+
+def test_external_data_chosen_for_mapped_weights_keeps_small_tensors_inline(llama, tmp_path) -> None:
+    """Saved with external data because its weights are mapped, a model keeps tensors of 1 KiB or
+    less in the model file (as onnx does by default); asked for with external=True, all float
+    tensors go out."""
+    def external_names(path) -> set[str]:
+        proto = onnx.load(str(path), load_external_data=False)
+        return {t.name for t in proto.graph.initializer if onnx.external_data_helper.uses_external_data(t)}
+
+    chosen = external_names(graphprune.save_model(graphprune.load_model(llama), tmp_path / "chosen.onnx"))
+    asked = external_names(graphprune.save_model(graphprune.load_model(llama), tmp_path / "asked.onnx", external=True))
+    norm = "layers.0.input_norm.weight"  # 256 floats: 1 KiB
+    assert "lm_head.weight" in chosen and norm not in chosen
+    assert norm in asked and chosen < asked
