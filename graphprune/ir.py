@@ -346,6 +346,7 @@ def load_model(path: str | os.PathLike) -> Model:
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph, IR version or graph outputs; "
                              "is the file truncated or of another format?)")
     _check_external_data(proto, path)
+    _check_initializer_sizes(proto, path)
     try:
         mapped = _read_external_data(proto, path.parent)
     except Exception as exc:
@@ -376,6 +377,34 @@ def _read_external_data(proto: onnx.ModelProto, folder: Path) -> dict[str, np.nd
     return mapped
 
 
+def _declared(tensor: onnx.TensorProto) -> tuple[int, np.dtype | None]:
+    """Elements a tensor's dims declare, and its numpy type where sizes can be checked (None for
+    strings and the packed and ml_dtypes types)."""
+    count = int(np.prod(tensor.dims, dtype=np.float64)) if tensor.dims else 1
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError):
+        return count, None
+    return count, (dtype if dtype.kind in "biufc" else None)
+
+
+def _check_initializer_sizes(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse initializers whose data does not fill the shape they declare (a truncated or edited
+    file): found here, the problem is named instead of failing inside numpy."""
+    for tensor in external_data_helper._get_initializer_tensors(proto):
+        count, dtype = _declared(tensor)
+        if dtype is None or external_data_helper.uses_external_data(tensor):
+            continue
+        if tensor.HasField("raw_data"):
+            held = len(tensor.raw_data) // dtype.itemsize
+        else:
+            held = len(getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type)))
+            held //= 2 if dtype.kind == "c" else 1  # complex values are stored as pairs
+        if held != count:
+            raise ModelLoadError(f"{path}: initializer '{tensor.name}' declares shape {list(tensor.dims)} "
+                                 f"({count:,} values) but holds {held:,}")
+
+
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     folder = path.parent.resolve()
     for tensor in external_data_helper._get_all_tensors(proto):
@@ -402,6 +431,10 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{where}: malformed external data entry (offset/length/data type): "
                                  f"{first_line(exc)}") from exc
+        count, dtype = _declared(tensor)
+        if dtype is not None and length != count * dtype.itemsize:
+            raise ModelLoadError(f"{where}: declares shape {list(tensor.dims)} ({count * dtype.itemsize:,} bytes) "
+                                 f"but {length:,} bytes of external data")
         size = target.stat().st_size
         if offset + length > size:
             raise ModelLoadError(f"{where}: external data '{location}' is too short "

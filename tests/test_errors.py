@@ -89,6 +89,29 @@ def test_external_data_shorter_than_declared(capsys, model_dir, tmp_path) -> Non
     run_refused(capsys, path, tmp_path / "out.onnx", "--ratio", "0.5", expect="too short")
 
 
+def test_external_data_length_other_than_the_shape_needs(capsys, model_dir, tmp_path) -> None:
+    path = _external(model_dir)
+    proto = onnx.load(str(path), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if onnx.external_data_helper.uses_external_data(t))
+    next(e for e in tensor.external_data if e.key == "length").value = "8"
+    path.write_bytes(proto.SerializeToString())
+    run_refused(capsys, path, tmp_path / "out.onnx", "--ratio", "0.5", expect="but 8 bytes of external data")
+
+
+@pytest.mark.parametrize("dims", [[10**6, 10**6], [4, 5], [-4, 6]])
+def test_initializer_data_that_does_not_fill_its_shape(capsys, tmp_path, dims) -> None:
+    """An inline initializer whose dims were edited (absurd, too small, negative) against its data."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = _small_mlp(folder / "m.onnx")
+    proto = onnx.load(str(path))
+    del proto.graph.initializer[0].dims[:]
+    proto.graph.initializer[0].dims.extend(dims)
+    onnx.save(proto, str(path))
+    run_refused(capsys, path, tmp_path / "o.onnx", "--ratio", "0.5",
+                expect=f"initializer 'w1' declares shape {dims}")
+
+
 def _relocate(path: Path, location: str) -> None:
     proto = onnx.load(str(path), load_external_data=False)
     for tensor in proto.graph.initializer:
