@@ -46,13 +46,15 @@ class Model:
     source: Path | None = None
 
     @classmethod
-    def from_onnx(cls, proto: onnx.ModelProto, source: Path | None = None,
-                  mapped: dict[str, np.ndarray] | None = None) -> Model:
-        """`mapped`: values of initializers whose data `proto` leaves in external files."""
+    def from_onnx(cls, proto: onnx.ModelProto, source: Path | None = None) -> Model:
+        """The model of `proto`; its references to memory-mapped weights (`weights.reference`, as
+        made by `load_model` and `to_onnx`) become those arrays again."""
         graph = gs.import_onnx(proto)
-        for name, tensor in graph.tensors().items():
-            if mapped and name in mapped and isinstance(tensor, gs.Constant):
-                tensor.values = mapped[name]
+        for const in _constants_everywhere(graph):
+            lazy = const._values
+            if isinstance(lazy, gs.ir.tensor.LazyValues) and weights.is_reference(lazy.tensor):
+                const.values = weights.referenced(lazy.tensor)
+                const.data_location = None  # it is an in-process array now, whatever gs read
         model = cls(
             graph=graph,
             ir_version=proto.ir_version,
@@ -64,8 +66,10 @@ class Model:
         return model
 
     def to_onnx(self) -> onnx.ModelProto:
-        """The model as ONNX; memory-mapped weights become references to their files (see
-        graphprune.weights), so even a model bigger than memory exports without copying them."""
+        """The model as ONNX. Memory-mapped weights of the main graph become references (see
+        graphprune.weights), so even a model bigger than memory exports without copying them; such
+        a proto is for this process: `save_model` and `runtime.session` write their bytes out,
+        while onnx's own checker and loaders do not know them."""
         self.graph.toposort()
         # onnx-graphsurgeon exports a LazyValues tensor's proto as it is, without reading its data
         mapped = [(c, c._values) for c in self.constants().values() if weights.origin(c._values) is not None]
@@ -223,6 +227,19 @@ SHAPE_PRESERVING_OPS = frozenset({"GroupNormalization", "InstanceNormalization",
                                   "BatchNormalization", "Relu", "Sigmoid", "Tanh", "Gelu", "Identity"})
 
 
+def _constants_everywhere(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """The constants of `graph` and of every subgraph (If/Loop/Scan bodies), each once."""
+    seen: set[int] = set()
+    stack = [graph]
+    while stack:
+        current = stack.pop()
+        for tensor in current.tensors().values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield tensor
+        stack.extend(attr for node in current.nodes for attr in node.attrs.values() if isinstance(attr, gs.Graph))
+
+
 def shape_of(tensor: gs.Tensor) -> list | None:
     """Static shape of a constant, or the (inferred, possibly symbolic) shape of a variable."""
     if isinstance(tensor, gs.Constant):
@@ -352,25 +369,29 @@ def load_model(path: str | os.PathLike) -> Model:
     except Exception as exc:
         raise ModelLoadError(f"{path}: could not read external data: {first_line(exc)}") from exc
     check_graph(proto, where=str(path))
-    return Model.from_onnx(proto, source=path, mapped=mapped)
+    model = Model.from_onnx(proto, source=path)
+    del mapped  # the model holds them now
+    return model
 
 
-def _read_external_data(proto: onnx.ModelProto, folder: Path) -> dict[str, np.ndarray]:
-    """Map the main graph's big external initializers of numpy types (returned by name; in `proto`
-    they become `weights.reference`s) and read every other external tensor into `proto`."""
-    mapped: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(proto.graph.initializer):
+def _read_external_data(proto: onnx.ModelProto, folder: Path) -> list[np.ndarray]:
+    """Map the main graph's big external initializers of numpy types (in `proto` they become
+    references that `Model.from_onnx` resolves; the arrays are returned, to be held until then) and
+    read every other external tensor into `proto` (subgraphs' own initializers included: skeletons
+    for the checker keep those, so they must hold their bytes)."""
+    mapped = []
+    for tensor in proto.graph.initializer:
         if not external_data_helper.uses_external_data(tensor) or _tensor_bytes(tensor) <= weights.MAPPED_MIN_BYTES:
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        if dtype.kind not in "biuf":  # ml_dtypes types (bfloat16, float8) are read the usual way
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        array = weights.map_file(folder / info["location"], int(info.get("offset", 0)), tuple(tensor.dims), dtype)
-        mapped[tensor.name] = array
-        proto.graph.initializer[index].CopyFrom(weights.reference(tensor.name, array))
+        # types numpy holds as themselves (not bfloat16/float8 or, in older onnx, their uint stand-ins)
+        if dtype.kind in "biuf" and onnx.helper.np_dtype_to_tensor_dtype(dtype) == tensor.data_type:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            mapped.append(weights.map_file(folder / info["location"], int(info.get("offset", 0)),
+                                           tuple(tensor.dims), dtype))
+            tensor.CopyFrom(weights.reference(tensor.name, mapped[-1]))
     for tensor in external_data_helper._get_all_tensors(proto):
-        if external_data_helper.uses_external_data(tensor) and weights.referenced(tensor) is None:
+        if external_data_helper.uses_external_data(tensor) and not weights.is_reference(tensor):
             external_data_helper.load_external_data_for_tensor(tensor, str(folder))
             tensor.data_location = onnx.TensorProto.DEFAULT
             del tensor.external_data[:]
@@ -529,7 +550,7 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
 
 def has_references(proto: onnx.ModelProto) -> bool:
     """Whether `proto` names memory-mapped weights (`weights.reference`) rather than holding them."""
-    return any(weights.referenced(t) is not None for t in proto.graph.initializer)
+    return any(weights.is_reference(t) for t in external_data_helper._get_initializer_tensors(proto))
 
 
 def _write_external_data(proto: onnx.ModelProto, data_path: Path, inline_up_to: int) -> None:
@@ -537,15 +558,15 @@ def _write_external_data(proto: onnx.ModelProto, data_path: Path, inline_up_to: 
     `data_path`, big tensors page-aligned, and point `proto` at them by relative location."""
     with open(data_path, "wb") as out:
         for tensor in external_data_helper._get_initializer_tensors(proto):
-            source = weights.referenced(tensor)
-            if source is None and not (tensor.HasField("raw_data") and len(tensor.raw_data) > inline_up_to):
+            mapped = weights.referenced(tensor) if weights.is_reference(tensor) else None
+            if mapped is None and not (tensor.HasField("raw_data") and len(tensor.raw_data) > inline_up_to):
                 continue
-            length = source.length if source is not None else len(tensor.raw_data)
+            length = mapped.nbytes if mapped is not None else len(tensor.raw_data)
             if length > SKELETON_TENSOR_BYTES:
                 out.write(bytes(-out.tell() % EXTERNAL_ALIGNMENT))
             offset = out.tell()
-            if source is not None:
-                weights.copy_bytes(source, out)
+            if mapped is not None:
+                weights.write_bytes(mapped, out)
             else:
                 out.write(tensor.raw_data)
                 tensor.ClearField("raw_data")

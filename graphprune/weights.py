@@ -1,20 +1,29 @@
 """Memory-mapped weights: big initializers stay in their files instead of being copied into memory.
 
 A model loaded with external data keeps each initializer above MAPPED_MIN_BYTES as a read-only numpy
-view of an mmap of the data file. Reading it pulls pages through the page cache; `release` drops
+view of a mapping of the data file. Reading it pulls pages through the page cache; `release` drops
 them from the process again, so a model larger than memory can be scored and pruned a tensor at a
 time. A rewrite that replaces a mapped tensor writes the new array to a scratch file and maps that
-(`replacement`), so pruned weights do not pile up in memory either. `Model.to_onnx` exports a mapped
-tensor as an external-data reference to its file (`reference`, no bytes copied) and `ir.save_model`
-copies those bytes file to file (`copy_bytes`).
+(`replacement`), so pruned weights do not pile up in memory either.
 
-Rewrites never mutate weight arrays in place (the IR's contract); mapped arrays are read-only, so a
-breach fails loudly instead of corrupting the input's data file.
+`Model.to_onnx` exports a mapped tensor as a *reference*: an external-data TensorProto whose location
+names the mapping (`reference`), not bytes; `Model.from_onnx` turns references back into the same
+arrays (`referenced`), and `ir.save_model` writes their bytes out (`write_bytes`). A reference is
+valid while its array lives, in this process only; it is never a file location that another
+program could read.
+
+Mappings are made through libc (`mmap`/`munmap`/`madvise`) so they hold no file descriptor: a model
+with thousands of big tensors maps as many without meeting the open-files limit. Where libc cannot
+be used (Windows), `map_file` reads the bytes into memory instead. Rewrites never mutate weight
+arrays in place (the IR's contract); mapped arrays are read-only, so a breach fails loudly instead of
+corrupting the input's data file.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
+import itertools
 import mmap
 import os
 import shutil
@@ -28,10 +37,28 @@ import numpy as np
 import onnx
 
 #: initializers of more bytes than this are memory-mapped. Skeletons (`ir.weightless_copy`) leave
-#: out exactly these, so a mapped tensor's reference never reaches onnx.checker or shape inference.
+#: out exactly these, so a reference never reaches onnx.checker or shape inference.
 MAPPED_MIN_BYTES = 1 << 16
-#: bytes copied per step when a file-to-file copy cannot be done by the kernel
-COPY_CHUNK = 1 << 24
+#: bytes written per step by `write_bytes`
+WRITE_CHUNK = 1 << 24
+#: the location prefix that marks a reference (no real path starts so: a file naming it is refused
+#: at load as missing external data)
+REFERENCE_PREFIX = "graphprune-mapped:"
+
+
+def _libc() -> ctypes.CDLL | None:
+    if os.name != "posix":
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+_LIBC = _libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 @dataclass(frozen=True)
@@ -43,8 +70,24 @@ class Origin:
     length: int
 
 
-# id(array) -> (weak reference to it, its mmap, where its bytes are); entries go when arrays die
-_MAPPED: dict[int, tuple[weakref.ref, mmap.mmap, Origin]] = {}
+@dataclass(frozen=True)
+class _Entry:
+    array: weakref.ref
+    address: int  # of the page-aligned mapping
+    size: int
+    origin: Origin
+    serial: int  # names the array in references
+
+
+# id(array) -> entry, and serial -> entry; entries go when their arrays die
+_BY_ID: dict[int, _Entry] = {}
+_BY_SERIAL: dict[int, _Entry] = {}
+_serials = itertools.count(1)
+
+
+def _entry(array: object) -> _Entry | None:
+    entry = _BY_ID.get(id(array))
+    return entry if entry is not None and entry.array() is array else None
 
 
 def map_file(path: str | os.PathLike, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -53,42 +96,54 @@ def map_file(path: str | os.PathLike, offset: int, shape: tuple[int, ...], dtype
     dtype = np.dtype(dtype).newbyteorder("<")
     count = int(np.prod(shape, dtype=np.int64))
     length = count * dtype.itemsize
+    if _LIBC is None:
+        array = np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+        array.flags.writeable = False
+        return array
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(path, "rb") as handle:
-        mapping = mmap.mmap(handle.fileno(), length + offset - start, access=mmap.ACCESS_READ, offset=start)
-    array = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset - start).reshape(shape)
-    key = id(array)
+    size = length + offset - start
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        address = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle, start)
+    finally:
+        os.close(handle)  # the mapping does not need it
+    if address in (None, _MAP_FAILED):
+        error = ctypes.get_errno()
+        raise OSError(error, f"cannot map {path}: {os.strerror(error)}")
+    buffer = (ctypes.c_ubyte * size).from_address(address)
+    weakref.finalize(buffer, _LIBC.munmap, address, size)  # when the last view of it goes
+    view = memoryview(buffer).toreadonly()  # arrays over it cannot be made writable again
+    array = np.frombuffer(view, dtype=dtype, count=count, offset=offset - start).reshape(shape)
+    key, serial = id(array), next(_serials)
 
-    def forget(ref: weakref.ref, key: int = key) -> None:
-        if _MAPPED.get(key, (None,))[0] is ref:
-            del _MAPPED[key]
+    def forget(ref: weakref.ref) -> None:
+        if _BY_ID.get(key) is entry:
+            del _BY_ID[key]
+        _BY_SERIAL.pop(serial, None)
 
-    _MAPPED[key] = (weakref.ref(array, forget), mapping, Origin(path, offset, length))
+    entry = _Entry(weakref.ref(array, forget), address, size, Origin(path, offset, length), serial)
+    _BY_ID[key] = _BY_SERIAL[serial] = entry
     return array
 
 
 def origin(array: object) -> Origin | None:
     """Where `array`'s bytes live, if it is a mapped array (not a view or copy of one)."""
-    entry = _MAPPED.get(id(array))
-    return entry[2] if entry is not None and entry[0]() is array else None
+    entry = _entry(array)
+    return entry.origin if entry is not None else None
 
 
 def release(array: object) -> None:
     """Drop the pages of a mapped array from this process (they stay in the page cache, and are
     read back on the next access). Anything else: nothing to do."""
-    entry = _MAPPED.get(id(array))
-    if entry is not None and entry[0]() is array:
-        entry[1].madvise(mmap.MADV_DONTNEED)
+    entry = _entry(array)
+    if entry is not None:
+        _LIBC.madvise(entry.address, entry.size, mmap.MADV_DONTNEED)
 
 
 def release_all() -> None:
-    for ref, mapping, _ in list(_MAPPED.values()):
-        if ref() is not None:
-            mapping.madvise(mmap.MADV_DONTNEED)
-
-
-def mapped_bytes() -> int:
-    return sum(o.length for ref, _, o in _MAPPED.values() if ref() is not None)
+    for entry in list(_BY_ID.values()):
+        if entry.array() is not None:
+            _LIBC.madvise(entry.address, entry.size, mmap.MADV_DONTNEED)
 
 
 # -- scratch files for rewritten weights ------------------------------------------------------------
@@ -124,51 +179,41 @@ def replacement(old: object, new: np.ndarray) -> np.ndarray:
     return spill(new) if new.nbytes > MAPPED_MIN_BYTES else new
 
 
-# -- ONNX references --------------------------------------------------------------------------------
+# -- references in ONNX protos ----------------------------------------------------------------------
 def reference(name: str, array: np.ndarray) -> onnx.TensorProto:
-    """A TensorProto naming a mapped array's bytes by absolute path (valid while the array lives;
-    `ir.save_model` turns it into an ordinary relative reference)."""
-    where = origin(array)
-    if where is None:
+    """An external-data TensorProto that names the mapped `array` instead of holding its bytes."""
+    entry = _entry(array)
+    if entry is None:
         raise ValueError(f"tensor '{name}' is not memory-mapped")
-    tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                              dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
-    for key, value in (("location", str(where.path)), ("offset", str(where.offset)), ("length", str(where.length))):
+    data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(array.shape),
+                              data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", f"{REFERENCE_PREFIX}{entry.serial}"), ("offset", "0"),
+                       ("length", str(entry.origin.length))):
         tensor.external_data.add(key=key, value=value)
     return tensor
 
 
-def referenced(tensor: onnx.TensorProto) -> Origin | None:
-    """The bytes an external TensorProto made by `reference` points to (None for other tensors)."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    path = Path(info.get("location", ""))
-    if not path.is_absolute():
-        return None
-    return Origin(path, int(info.get("offset", 0)), int(info["length"]))
+def is_reference(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value.startswith(REFERENCE_PREFIX) for e in tensor.external_data)
 
 
-def copy_bytes(source: Origin, out: BinaryIO) -> None:
-    """Append `source`'s bytes to `out`, file to file (no copy through this process's memory when
-    the kernel can do it)."""
-    out.flush()
-    kernel_copy = getattr(os, "copy_file_range", None)
-    with open(source.path, "rb") as handle:
-        position, left = source.offset, source.length
-        try:
-            while left and kernel_copy is not None:
-                done = kernel_copy(handle.fileno(), out.fileno(), left, position)
-                if done <= 0:
-                    break
-                position, left = position + done, left - done
-        except OSError:  # no kernel copy between these files: read and write below
-            pass
-        out.seek(0, os.SEEK_END)
-        handle.seek(position)
-        while left:
-            chunk = handle.read(min(left, COPY_CHUNK))
-            if not chunk:
-                raise OSError(f"{source.path} ends before byte {source.offset + source.length}")
-            out.write(chunk)
-            left -= len(chunk)
+def referenced(tensor: onnx.TensorProto) -> np.ndarray:
+    """The array a reference names (LookupError when it is gone)."""
+    location = next(e.value for e in tensor.external_data if e.key == "location")
+    serial = int(location.removeprefix(REFERENCE_PREFIX))
+    entry = _BY_SERIAL.get(serial)
+    array = entry.array() if entry is not None else None
+    if array is None:
+        raise LookupError(f"tensor '{tensor.name}' refers to memory-mapped weights that no longer exist "
+                          "(a proto from Model.to_onnx() is valid while its model lives)")
+    return array
+
+
+def write_bytes(array: np.ndarray, out: BinaryIO) -> None:
+    """Append `array`'s bytes (little-endian) to `out` a chunk at a time, then release its pages."""
+    data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)
+    for start in range(0, data.size, WRITE_CHUNK):
+        out.write(data[start:start + WRITE_CHUNK].data)
+    release(array)

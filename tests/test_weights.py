@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 import graphprune
-from graphprune import runtime, weights
+from graphprune import ir, runtime, weights
 from graphprune.ir import EXTERNAL_ALIGNMENT
 from graphprune.models.llama_writer import write_llama
 
@@ -49,10 +49,10 @@ def test_big_external_initializers_are_mapped_read_only_and_exported_by_referenc
         head[0, 0] = 1.0  # a rewrite that broke the never-mutate rule would fail, not edit the input
     proto = model.to_onnx()
     exported = {t.name: t for t in proto.graph.initializer}
-    for name in big:  # references to the data file: no bytes copied into the proto
-        where = weights.referenced(exported[name])
-        assert where is not None and not exported[name].raw_data
-        assert where.path == llama.with_name("llama.onnx.data").resolve()
+    for name in big:  # references to the mapped arrays: no bytes copied into the proto
+        assert weights.is_reference(exported[name]) and not exported[name].raw_data
+        assert weights.referenced(exported[name]) is consts[name].values
+        assert weights.origin(consts[name].values).path == llama.with_name("llama.onnx.data").resolve()
     # and the references run: ORT sees the same weights as onnx.load's in-memory copy
     reference = runtime.run(onnx.load(str(llama)), FEEDS)
     np.testing.assert_array_equal(runtime.run(proto, FEEDS)[0], reference[0])
@@ -126,3 +126,79 @@ def test_external_data_chosen_for_mapped_weights_keeps_small_tensors_inline(llam
     norm = "layers.0.input_norm.weight"  # 256 floats: 1 KiB
     assert "lm_head.weight" in chosen and norm not in chosen
     assert norm in asked and chosen < asked
+
+
+def test_mapped_weights_pruned_below_the_mapping_size_become_ordinary_tensors(llama, tmp_path) -> None:
+    """Pruned to a tenth, the projections fall under MAPPED_MIN_BYTES and live in memory; they must
+    not keep the external-data mark their mapped originals had."""
+    model = graphprune.load_model(llama)
+    assert graphprune.prune(model, ratio=0.9).verified
+    small = [name for name, const in model.constants().items()
+             if name.endswith("q_proj.weight") and const.values.nbytes <= weights.MAPPED_MIN_BYTES]
+    assert small and not _mapped(model) & set(small)
+    saved = graphprune.save_model(model, tmp_path / "tenth.onnx")
+    onnx.checker.check_model(str(saved))
+    assert runtime.run(graphprune.load_model(saved).to_onnx(), FEEDS)[0].shape == (2, 6, 500)
+
+
+def test_open_files_do_not_grow_with_mapped_tensors(llama) -> None:
+    """Mappings hold no file descriptor: models with thousands of big tensors stay under the
+    open-files limit."""
+    before = len(os.listdir("/proc/self/fd"))
+    model = graphprune.load_model(llama)
+    assert len(_mapped(model)) == 16 and len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_saving_over_the_source_keeps_the_loaded_weights(llama, tmp_path) -> None:
+    """The API does not refuse it (the CLI does): the model's mapped bytes are those it loaded, not
+    the file that now has the same name."""
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for name in ("llama.onnx", "llama.onnx.data"):
+        (folder / name).write_bytes(llama.with_name(name).read_bytes())
+    model = graphprune.load_model(folder / "llama.onnx")
+    dense = runtime.run(model.to_onnx(), FEEDS)[0]
+    graphprune.prune(model, ratio=0.5)
+    pruned = runtime.run(model.to_onnx(), FEEDS)[0]
+    graphprune.save_model(model, folder / "llama.onnx")  # the data file it was mapped from is replaced
+    np.testing.assert_array_equal(runtime.run(model.to_onnx(), FEEDS)[0], pruned)
+    np.testing.assert_array_equal(runtime.run(graphprune.load_model(folder / "llama.onnx").to_onnx(), FEEDS)[0], pruned)
+    assert not np.array_equal(dense, pruned)
+
+
+def test_opset_conversion_keeps_weights_mapped(llama) -> None:
+    model = graphprune.load_model(llama)
+    expected = runtime.run(model.to_onnx(), FEEDS)[0]
+    converted = ir.upgrade_opset(model, 18)  # ReduceMean's axes move from attribute to input
+    assert converted.graph.opset == 18 and _mapped(converted) == _mapped(model)
+    np.testing.assert_allclose(runtime.run(converted.to_onnx(), FEEDS)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_read_only_inside_control_flow_stay_correct(tmp_path) -> None:
+    """A big external weight that only an If branch reads (the main graph's tensors do not list
+    it): mapped at load, exported with its bytes inside the subgraph, pruned around, saved."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out = helper.make_tensor_value_info
+    branch = helper.make_graph([helper.make_node("MatMul", ["r", "w2"], ["t"])], "then", [],
+                               [out("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["r"], ["e"])], "else", [], [out("e", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "cf",
+        [out("x", TensorProto.FLOAT, ["N", 64]), out("c", TensorProto.BOOL, [])], [out("y", TensorProto.FLOAT, ["N", 300])],
+        [numpy_helper.from_array(rng.standard_normal((64, 300)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal((300, 300)).astype(np.float32), "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "if.onnx"
+    onnx.save(proto, str(path), save_as_external_data=True, location="if.onnx.data", size_threshold=0)
+    feeds = {"x": np.ones((2, 64), np.float32), "c": np.array(True)}
+    expected = runtime.run(onnx.load(str(path)), feeds)[0]
+    model = graphprune.load_model(path)
+    assert {"w1", "w2"} <= {c.name for c in ir._constants_everywhere(model.graph) if weights.origin(c.values)}
+    np.testing.assert_array_equal(runtime.run(model.to_onnx(), feeds)[0], expected)
+    assert graphprune.prune(model, ratio=0.5).verified
+    saved = graphprune.save_model(model, tmp_path / "out" / "if.onnx")
+    np.testing.assert_array_equal(runtime.run(graphprune.load_model(saved).to_onnx(), feeds)[0], expected)
