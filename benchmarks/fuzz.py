@@ -1,5 +1,5 @@
-"""1,000 fuzz cases: random conv stacks and attention blocks (graphprune.fuzz) pruned with random
-options. Counts verified models, clean refusals (with their reasons) and anything else (bugs).
+"""1,000 fuzz cases: random MLP-style graphs, conv stacks and attention blocks (graphprune.fuzz)
+pruned with random options. Counts verified models, clean refusals (with their reasons) and anything else (bugs).
 
     pip install -c constraints.txt -e '.[test]'
     python benchmarks/fuzz.py [--cases 1000] [--out benchmarks/results/fuzz.json]
@@ -17,7 +17,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphprune.fuzz import attention_graphs, conv_graphs, prune_options, run_case
+from graphprune.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options, run_case
+
+FAMILIES = {"mlp": mlp_graphs, "conv": conv_graphs, "attention": attention_graphs}
 
 
 def main() -> None:
@@ -31,9 +33,9 @@ def main() -> None:
     start = time.perf_counter()
 
     @settings(max_examples=args.cases, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(family=st.sampled_from(("conv", "attention")), data=st.data(), options=prune_options())
+    @given(family=st.sampled_from(sorted(FAMILIES)), data=st.data(), options=prune_options())
     def case(family: str, data, options: dict) -> None:
-        text = data.draw(conv_graphs() if family == "conv" else attention_graphs())
+        text = data.draw(FAMILIES[family]())
         families[family] += 1
         try:
             outcome = run_case(text, options)

@@ -1,9 +1,9 @@
-"""Fuzzing: random valid graphs (convolution stacks and attention blocks, as ONNX text) pruned with
-random options. Every case must end in a verified model or a clean refusal (a GraphpruneError);
-anything else is a bug. Used by tests/test_fuzz.py (50 cases in CI) and benchmarks/fuzz.py (1,000).
+"""Fuzzing: random valid graphs (MLP-style graphs, convolution stacks and attention blocks, as ONNX
+text) pruned with random options. Every case must end in a verified model or a clean refusal (a
+GraphpruneError); anything else is a bug. Used by tests/test_fuzz.py (CI), the property tests of
+tests/test_properties_graphs.py and benchmarks/fuzz.py (1,000 cases).
 
-Needs hypothesis (a test dependency). The MLP-style family (Split/Concat, Slice, residuals,
-branches, scales) lives in tests/test_properties_graphs.py.
+Needs hypothesis (a test dependency).
 """
 
 from __future__ import annotations
@@ -50,6 +50,68 @@ class Text:
         args = ", ".join([graph_input, *self.inputs])
         return (f"# weights: {' '.join(self.weights)}\n{OPSET}\n"
                 f"g ({args}) => ({graph_output})\n{{\n  " + "\n  ".join(self.lines) + "\n}\n")
+
+
+MLP_BLOCKS = ("linear", "split_concat", "slice", "residual", "branches", "scale")
+
+
+@st.composite
+def mlp_graphs(draw: st.DrawFn) -> str:
+    """x[N, W] through 1-4 blocks: Gemm layers, Split/Concat (halves swapped), a Slice of a fresh
+    layer (so units on both sides of the range are prunable), residual Adds, two Gemm branches
+    concatenated, per-feature scales; then a Gemm head."""
+    t = Text()
+    width = first = draw(st.integers(2, 6))
+    current = "x"
+
+    def gemm(source: str, width_in: int, width_out: int, activation: str | None) -> str:
+        w, b, out = t.weight((width_out, width_in)), t.weight((width_out,)), t.fresh("g")
+        t.node(f"{out} = Gemm <transB = 1> ({source}, {w}, {b})")
+        if activation is None:
+            return out
+        act = t.fresh("a")
+        t.node(f"{act} = {activation} ({out})")
+        return act
+
+    for _ in range(draw(st.integers(1, 4))):
+        block = draw(st.sampled_from(MLP_BLOCKS))
+        if block == "linear" or width < 2:
+            new = draw(st.integers(2, 12))
+            current, width = gemm(current, width, new, draw(st.sampled_from(("Relu", "Tanh", None)))), new
+        elif block == "split_concat":
+            head = draw(st.integers(1, width - 1))
+            sizes, a, b, c = t.ints([head, width - head]), t.fresh("s"), t.fresh("s"), t.fresh("c")
+            t.node(f"{a}, {b} = Split <axis = 1> ({current}, {sizes})")
+            t.node(f"{c} = Concat <axis = 1> ({b}, {a})")
+            current = c
+        elif block == "slice":
+            new = draw(st.integers(2, 12))
+            current, width = gemm(current, width, new, "Relu"), new
+            start = draw(st.integers(0, width - 1))
+            stop = draw(st.integers(start + 1, width))
+            begin = start - width if draw(st.booleans()) else start  # negative starts count from the end
+            bounds, out = [t.ints([begin]), t.ints([stop]), t.ints([1])], t.fresh("sl")
+            t.node(f"{out} = Slice ({current}, {', '.join(bounds)})")
+            current, width = out, stop - start
+        elif block == "residual":
+            inner = draw(st.integers(2, 10))
+            back, total = gemm(gemm(current, width, inner, "Relu"), inner, width, None), t.fresh("r")
+            t.node(f"{total} = Add ({current}, {back})")
+            current = total
+        elif block == "branches":
+            left, right = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+            a, b = gemm(current, width, left, None), gemm(current, width, right, "Sigmoid")
+            c = t.fresh("c")
+            t.node(f"{c} = Concat <axis = 1> ({a}, {b})")
+            current, width = c, left + right
+        else:
+            scale, out = t.weight((width,)), t.fresh("m")
+            t.node(f"{out} = Mul ({current}, {scale})")
+            current = out
+    classes = draw(st.integers(1, 4))
+    w = t.weight((classes, width))
+    t.node(f"y = Gemm <transB = 1> ({current}, {w})")
+    return t.render(f"float[N, {first}] x", f"float[N, {classes}] y")
 
 
 @st.composite
