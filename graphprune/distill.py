@@ -207,7 +207,7 @@ def distill(student: Model, teacher: Model, feeds: dict[str, np.ndarray], option
             optimizer.zero_grad(set_to_none=True)
             loss = objective(batch)
             if not torch.isfinite(loss):
-                raise DistillError(f"the loss became {float(loss)} at step {len(result.steps) + 1}; try a smaller --lr")
+                raise DistillError(f"the loss became {float(loss.detach())} at step {len(result.steps) + 1}; try a smaller --lr")
             loss.backward()
             optimizer.step()
             schedule.step()

@@ -613,16 +613,21 @@ def _keyword_inputs(op: str) -> dict[int, str]:
 
 def lower(model: Model) -> fx.GraphModule:
     """The model as an fx GraphModule: float initializers are Parameters (by sanitized name, see
-    `parameter_names`), other constants are buffers; inputs and outputs keep the graph's order."""
+    `parameter_names`), other constants are buffers; inputs and outputs keep the graph's order.
+
+    Scalars (epsilons, attention scales) and Pow exponents are constants of the computation, not
+    weights: buffers. Trained, an exponent's gradient (x^y log x) is NaN for any negative x.
+    """
     root = nn.Module()
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
     names: dict[str, str] = {}
+    exponents = {id(node.inputs[1]) for node in model.graph.nodes if node.op == "Pow" and len(node.inputs) > 1}
     for index, const in enumerate(model.constants().values()):
         attr = f"c{index}"
         names[const.name] = attr
         value = torch.from_numpy(np.array(const.values))
-        if value.is_floating_point():
+        if value.is_floating_point() and value.ndim > 0 and id(const) not in exponents:
             root.register_parameter(attr, nn.Parameter(value))
         else:
             root.register_buffer(attr, value)

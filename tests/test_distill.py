@@ -70,6 +70,22 @@ def test_hidden_states_match_the_residual_stream_of_a_pruned_transformer() -> No
     assert result.hidden == names and len(result.steps) == 2 and np.all(np.isfinite(result.steps))
 
 
+def test_a_memory_mapped_llama_distills_with_finite_losses(tmp_path) -> None:
+    """RMSNorm squares with Pow(x, 2): the exponent is a constant, not a trained weight (its gradient
+    x^2 log x is NaN for negative x). Trained weights of a mapped student stay mapped."""
+    from graphprune import weights
+    from graphprune.models.llama_writer import write_llama
+
+    path = tmp_path / "llama.onnx"
+    write_llama(path, layers=1, hidden=256, heads=4, ffn=512, vocab=300)
+    teacher, student = graphprune.load_model(path), graphprune.load_model(path)
+    graphprune.prune(student, ratio=0.5)
+    feeds = random_calibration(teacher.to_onnx(), samples=8, dynamic_dim=6)
+    result = distill(student, teacher, feeds, DistillOptions(epochs=2, lr=1e-3, batch=4))
+    assert len(result.steps) == 4 and np.all(np.isfinite(result.steps)) and result.loss_after < result.loss_before
+    assert weights.origin(student.constants()["lm_head.weight"].values) is not None
+
+
 def test_mismatched_student_and_teacher_are_refused(pruned_simple_net) -> None:
     student_path, _, _ = pruned_simple_net
     net = ATTENTION_BUILDERS["bert"]()
