@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -215,7 +216,10 @@ def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        return SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+        # where it cannot finish, it saves its partial model as sym_shape_infer_temp.onnx in the
+        # working directory: that must not land in the user's folder
+        with tempfile.TemporaryDirectory(prefix="graphprune-shapes-") as folder, contextlib.chdir(folder):
+            return SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
     except Exception:  # it raises bare Exceptions and assertion errors on graphs it does not know
         return None
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -9,6 +11,7 @@ import onnxruntime as ort
 
 import graphprune
 from graphprune import cost, ir, runtime
+from graphprune.errors import InvalidGraphError
 from graphprune.testing import model_from_text
 
 SHARED = """
@@ -134,3 +137,19 @@ def test_from_torch_keeps_input_names_and_dynamic_batch(trained_simple_net) -> N
     assert dims[0].dim_param and dims[1].dim_value == 10
     outputs = runtime.run(proto, {"x": np.zeros((5, 10), np.float32)})
     assert outputs[0].shape == (5, 10)
+
+
+def test_shape_inference_leaves_no_file_in_the_working_directory(tmp_path, monkeypatch) -> None:
+    """ORT's symbolic shape inference saves `sym_shape_infer_temp.onnx` in the working directory when
+    it cannot finish (here: a Gemm whose weight does not fit); graphprune runs it elsewhere."""
+    model = model_from_text("""
+    <ir_version: 10, opset_import: ["" : 20]>
+    g (float[N, 4] x, float[3, 3] w) => (float[N, 3] y)
+    {
+      y = Gemm <transB = 1> (x, w)
+    }
+    """)
+    monkeypatch.chdir(tmp_path)
+    with contextlib.suppress(InvalidGraphError):  # ONNX's own inference, tried next, may refuse it
+        model.infer_shapes()
+    assert list(tmp_path.iterdir()) == []

@@ -8,15 +8,22 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import graphprune
 from graphprune import ir, runtime, weights
+from graphprune.errors import GraphpruneError
+from graphprune.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options
 from graphprune.ir import EXTERNAL_ALIGNMENT
 from graphprune.models.llama_writer import write_llama
+from graphprune.testing import model_from_text
 
 FEEDS = {"input_ids": np.arange(12, dtype=np.int64).reshape(2, 6) % 7}
 
@@ -202,3 +209,29 @@ def test_weights_read_only_inside_control_flow_stay_correct(tmp_path) -> None:
     assert graphprune.prune(model, ratio=0.5).verified
     saved = graphprune.save_model(model, tmp_path / "out" / "if.onnx")
     np.testing.assert_array_equal(runtime.run(graphprune.load_model(saved).to_onnx(), feeds)[0], expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(family=st.sampled_from(["mlp", "conv", "attention"]), data=st.data(), options=prune_options())
+def test_fuzzed_graphs_prune_the_same_memory_mapped_as_in_memory(family: str, data, options: dict) -> None:
+    """Differential fuzzing of the mapped path: with every float weight mapped (the size bound at
+    zero), random graphs prune to the same verdict and weights as their in-memory twins."""
+    text = data.draw({"mlp": mlp_graphs, "conv": conv_graphs, "attention": attention_graphs}[family]())
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as folder:
+        patch.setattr(weights, "MAPPED_MIN_BYTES", 0)
+        patch.setattr(ir, "SKELETON_TENSOR_BYTES", 0)  # the two bounds move together
+        path = graphprune.save_model(model_from_text(text), Path(folder) / "m.onnx", external=True)
+        in_memory, mapped = model_from_text(text), graphprune.load_model(path)
+        floats = {name for name, const in mapped.constants().items() if const.values.dtype.kind == "f"}
+        assert floats and _mapped(mapped) == floats
+        verdicts = []
+        for model in (in_memory, mapped):
+            try:
+                verdicts.append(graphprune.prune(model, seed=0, **options).verified)
+            except GraphpruneError as exc:
+                verdicts.append(str(exc))
+        assert verdicts[0] == verdicts[1]
+        expected = in_memory.constants()
+        assert set(expected) == set(mapped.constants())
+        for name, const in mapped.constants().items():
+            np.testing.assert_array_equal(const.values, expected[name].values, err_msg=name)
