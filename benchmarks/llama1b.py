@@ -1,7 +1,7 @@
 """A billion parameters in bounded memory: `graphprune prune --ratio 0.3` on a ~1B LLaMA-style decoder.
 
-    python benchmarks/llama1b.py [--folder /tmp/graphprune-llama1b] [--ratio 0.3]
-        [--out benchmarks/results/llama1b.json] [--keep]
+    python benchmarks/llama1b.py [--folder DIR] [--ratio 0.3] [--out benchmarks/results/llama1b.json]
+        [--keep]
 
 Writes the model with `python -m graphprune.models.llama_writer` (16 layers, hidden 2048, 16 heads,
 FFN 5632, vocab 32000: 953M parameters, 3.81 GB of fp32 external data), then prunes it with the CLI
@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +38,16 @@ def measured(command: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/graphprune-llama1b"))
+    parser.add_argument("--folder", type=Path, help="an empty or new folder for the models (default: a new "
+                        "temporary one)")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llama1b.json"))
     parser.add_argument("--keep", action="store_true", help="keep the written models")
     args = parser.parse_args()
+    if args.folder is None:
+        args.folder = Path(tempfile.mkdtemp(prefix="graphprune-llama1b-"))
+    elif args.folder.exists() and any(args.folder.iterdir()):
+        raise SystemExit(f"{args.folder} is not empty: give a new or empty folder (it is removed afterwards)")
     args.folder.mkdir(parents=True, exist_ok=True)
     dense, pruned, report = args.folder / "llama1b.onnx", args.folder / "pruned.onnx", args.folder / "report.json"
     timing = args.folder / "bench.json"

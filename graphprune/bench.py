@@ -169,7 +169,8 @@ def _rss_kb(field_name: str) -> int:
 def _peak_memory_child(path: str, feeds: dict[str, np.ndarray], threads: int, providers: list[str], runs: int,
                        queue) -> None:
     try:
-        proto = load_model(path).to_onnx()
+        model = load_model(path)  # its mapped weights back the proto's references
+        proto = model.to_onnx()
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak from the current resident set
         base = _rss_kb("VmRSS")
         sess = runtime.session(proto, threads=threads, providers=providers)

@@ -45,6 +45,7 @@ class Model:
     producer_name: str = "graphprune"
     metadata: dict[str, str] = field(default_factory=dict)
     source: Path | None = None
+    external_data: bool = False  # loaded from a file with external data: saved the same way
 
     @classmethod
     def from_onnx(cls, proto: onnx.ModelProto, source: Path | None = None) -> Model:
@@ -90,7 +91,8 @@ class Model:
 
     def copy(self) -> Model:
         """A structural copy; weight arrays are shared, so edits must assign new arrays, never mutate."""
-        return Model(self.graph.copy(), self.ir_version, self.producer_name, dict(self.metadata), self.source)
+        return Model(self.graph.copy(), self.ir_version, self.producer_name, dict(self.metadata), self.source,
+                     self.external_data)
 
     # -- views ---------------------------------------------------------------------------------
     def tensors(self) -> dict[str, gs.Tensor]:
@@ -206,6 +208,18 @@ class Model:
         return carried
 
 
+@contextlib.contextmanager
+def _working_directory(folder: str) -> Iterator[None]:
+    """contextlib.chdir (Python 3.11+) for 3.10 too. The working directory is the whole process's:
+    threads that use relative paths meanwhile would see `folder`."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
     """ONNX Runtime's symbolic shape inference: it follows Shape -> Gather -> Concat chains and
     keeps dims symbolic (`batch*seq`) where ONNX's own inference gives up. None when it cannot
@@ -218,7 +232,7 @@ def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         # where it cannot finish, it saves its partial model as sym_shape_infer_temp.onnx in the
         # working directory: that must not land in the user's folder
-        with tempfile.TemporaryDirectory(prefix="graphprune-shapes-") as folder, contextlib.chdir(folder):
+        with tempfile.TemporaryDirectory(prefix="graphprune-shapes-") as folder, _working_directory(folder):
             return SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
     except Exception:  # it raises bare Exceptions and assertion errors on graphs it does not know
         return None
@@ -268,6 +282,7 @@ def weightless_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
         skeleton.CopyFrom(proto)
     else:
         _copy_without_weights(proto, skeleton)
+    _drop_subgraph_references(skeleton.graph)
     big = [t for t in skeleton.graph.initializer if _tensor_bytes(t) > SKELETON_TENSOR_BYTES]
     if not big:
         return skeleton
@@ -279,6 +294,20 @@ def weightless_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     del skeleton.graph.initializer[:]
     skeleton.graph.initializer.extend(keep)
     return skeleton
+
+
+def _drop_subgraph_references(graph: onnx.GraphProto) -> None:
+    """Remove memory-mapped references from subgraph initializers. onnx-graphsurgeon copies an outer
+    constant that a subgraph also reads into the subgraph's initializers; without the copy the
+    subgraph reads the outer one (in a skeleton: the graph input that stands for it)."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                kept = [t for t in subgraph.initializer if not weights.is_reference(t)]
+                if len(kept) < len(subgraph.initializer):
+                    del subgraph.initializer[:]
+                    subgraph.initializer.extend(kept)
+                _drop_subgraph_references(subgraph)
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -344,7 +373,9 @@ def upgrade_opset(model: Model, target: int = UPGRADE_OPSET) -> Model:
     except Exception as exc:  # the converter raises several unrelated types
         raise InvalidGraphError(f"cannot convert the model from opset {model.graph.opset} to {target}: "
                                 f"{first_line(exc)}") from exc
-    return Model.from_onnx(converted, model.source)
+    upgraded = Model.from_onnx(converted, model.source)
+    upgraded.external_data = model.external_data
+    return upgraded
 
 
 def load_model(path: str | os.PathLike) -> Model:
@@ -368,12 +399,14 @@ def load_model(path: str | os.PathLike) -> Model:
                              "is the file truncated or of another format?)")
     _check_external_data(proto, path)
     _check_initializer_sizes(proto, path)
+    external = any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(proto))
     try:
         mapped = _read_external_data(proto, path.parent)
     except Exception as exc:
         raise ModelLoadError(f"{path}: could not read external data: {first_line(exc)}") from exc
     check_graph(proto, where=str(path))
     model = Model.from_onnx(proto, source=path)
+    model.external_data = external
     del mapped  # the model holds them now
     return model
 
@@ -518,10 +551,9 @@ def _inline_small_integers(proto: onnx.ModelProto, limit: int = 1 << 16) -> None
 def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> Path:
     """Write atomically: everything goes to a temporary folder beside `path`, then is renamed in.
 
-    Weights go to `<name>.data` beside the model when asked (`external=True`), and whatever is
-    asked when they exceed EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB) or some are
-    memory-mapped (a model loaded with external data keeps that form; mapped bytes are copied file
-    to file).
+    Weights go to `<name>.data` beside the model when asked (`external=True`), when the model was
+    loaded from a file with external data, and whatever is asked when they exceed
+    EXTERNAL_DATA_THRESHOLD (protobuf cannot hold 2 GiB) or some are memory-mapped.
     """
     path = Path(path)
     proto = model.to_onnx() if isinstance(model, Model) else clone_proto(model)
@@ -529,7 +561,8 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
     # Small integer tensors (shapes, axes) always stay: ONNX Runtime's shape inference reads them and
     # does not follow external data.
     inline_up_to = 0 if external else 1024
-    external = bool(external) or proto_bytes(proto) > EXTERNAL_DATA_THRESHOLD or has_references(proto)
+    external = (bool(external) or proto_bytes(proto) > EXTERNAL_DATA_THRESHOLD or has_references(proto)
+                or (isinstance(model, Model) and model.external_data))
     _inline_small_integers(proto)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -541,9 +574,9 @@ def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike, external
         staged = staging / path.name
         if external:
             _write_external_data(proto, staging / data_name, inline_up_to)
-            if (staging / data_name).exists():
-                os.replace(staging / data_name, path.parent / data_name)
-        onnx.save_model(proto, staged)
+        onnx.save_model(proto, staged)  # everything is written before anything is replaced
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, path.parent / data_name)
         os.replace(staged, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {first_line(exc)}") from exc

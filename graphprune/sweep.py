@@ -45,7 +45,8 @@ class SweepPoint:
 
 
 def _outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
-    session = runtime.session(load_model(path).to_onnx(), threads=2)
+    model = load_model(path)  # its mapped weights back the proto's references
+    session = runtime.session(model.to_onnx(), threads=2)
     return [[np.asarray(o) for o in session.run(None, chunk)] for chunk in batches(feeds, 32)]
 
 

@@ -68,6 +68,15 @@ class Origin:
     path: Path  # absolute
     offset: int
     length: int
+    stamp: tuple[int, ...]  # the file's device, inode, size and modification time when mapped
+
+
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -79,9 +88,10 @@ class _Entry:
     serial: int  # names the array in references
 
 
-# id(array) -> entry, and serial -> entry; entries go when their arrays die
+# id(array) -> entry, and serial -> entry; entries go when their arrays die, leaving their origin
 _BY_ID: dict[int, _Entry] = {}
 _BY_SERIAL: dict[int, _Entry] = {}
+_PAST: dict[int, Origin] = {}
 _serials = itertools.count(1)
 
 
@@ -105,13 +115,15 @@ def map_file(path: str | os.PathLike, offset: int, shape: tuple[int, ...], dtype
     handle = os.open(path, os.O_RDONLY)
     try:
         address = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle, start)
+        info = os.fstat(handle)
     finally:
         os.close(handle)  # the mapping does not need it
     if address in (None, _MAP_FAILED):
         error = ctypes.get_errno()
         raise OSError(error, f"cannot map {path}: {os.strerror(error)}")
     buffer = (ctypes.c_ubyte * size).from_address(address)
-    weakref.finalize(buffer, _LIBC.munmap, address, size)  # when the last view of it goes
+    unmap = weakref.finalize(buffer, _LIBC.munmap, address, size)  # when the last view of it goes
+    unmap.atexit = False  # the OS unmaps at exit; unmapped early, a later exit handler could crash
     view = memoryview(buffer).toreadonly()  # arrays over it cannot be made writable again
     array = np.frombuffer(view, dtype=dtype, count=count, offset=offset - start).reshape(shape)
     key, serial = id(array), next(_serials)
@@ -119,9 +131,12 @@ def map_file(path: str | os.PathLike, offset: int, shape: tuple[int, ...], dtype
     def forget(ref: weakref.ref) -> None:
         if _BY_ID.get(key) is entry:
             del _BY_ID[key]
-        _BY_SERIAL.pop(serial, None)
+        gone = _BY_SERIAL.pop(serial, None)
+        if gone is not None:
+            _PAST[serial] = gone.origin
 
-    entry = _Entry(weakref.ref(array, forget), address, size, Origin(path, offset, length), serial)
+    stamp = info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+    entry = _Entry(weakref.ref(array, forget), address, size, Origin(path, offset, length, stamp), serial)
     _BY_ID[key] = _BY_SERIAL[serial] = entry
     return array
 
@@ -200,15 +215,20 @@ def is_reference(tensor: onnx.TensorProto) -> bool:
 
 
 def referenced(tensor: onnx.TensorProto) -> np.ndarray:
-    """The array a reference names (LookupError when it is gone)."""
+    """The array a reference names. Once that array is gone (its model was dropped, as in
+    `load_model(path).to_onnx()`), its file is mapped again if it is unchanged since; a rewritten
+    weight's scratch file goes with its array, so then this raises LookupError."""
     location = next(e.value for e in tensor.external_data if e.key == "location")
     serial = int(location.removeprefix(REFERENCE_PREFIX))
     entry = _BY_SERIAL.get(serial)
     array = entry.array() if entry is not None else None
-    if array is None:
-        raise LookupError(f"tensor '{tensor.name}' refers to memory-mapped weights that no longer exist "
-                          "(a proto from Model.to_onnx() is valid while its model lives)")
-    return array
+    if array is not None:
+        return array
+    past = _PAST.get(serial)
+    if past is not None and _stamp(past.path) == past.stamp:
+        return map_file(past.path, past.offset, tuple(tensor.dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    raise LookupError(f"tensor '{tensor.name}' refers to memory-mapped weights that no longer exist "
+                      "(a proto from Model.to_onnx() is valid while its model lives)")
 
 
 def write_bytes(array: np.ndarray, out: BinaryIO) -> None:

@@ -101,6 +101,24 @@ def test_saved_external_data_is_page_aligned_and_loads_mapped(llama, tmp_path) -
         np.testing.assert_array_equal(const.values, original[name].values)
 
 
+def test_a_proto_outlives_its_model_while_the_files_stay(llama, tmp_path) -> None:
+    """`load_model(path).to_onnx()`: the model (and its mappings) may be gone before the proto is
+    used; unchanged source files are mapped again. A rewritten weight's scratch file goes with its
+    model, and the proto then says so."""
+    import gc
+
+    proto = graphprune.load_model(llama).to_onnx()
+    gc.collect()
+    np.testing.assert_array_equal(runtime.run(proto, FEEDS)[0], runtime.run(onnx.load(str(llama)), FEEDS)[0])
+    pruned = graphprune.load_model(llama)
+    graphprune.prune(pruned, ratio=0.5)
+    proto = pruned.to_onnx()
+    del pruned
+    gc.collect()
+    with pytest.raises(LookupError, match="valid while its model lives"):
+        runtime.run(proto, FEEDS)
+
+
 def test_release_drops_pages_but_not_values(llama) -> None:
     values = graphprune.load_model(llama).constants()["embed_tokens.weight"].values
     copy = np.array(values)
@@ -118,6 +136,17 @@ def test_pruning_a_mapped_model_is_deterministic(llama, tmp_path) -> None:
         outputs.append((out.read_bytes(), out.with_name("pruned.onnx.data").read_bytes()))
     assert outputs[0] == outputs[1]
     assert len(outputs[0][1]) < llama.with_name("llama.onnx.data").stat().st_size
+
+
+def test_a_model_loaded_with_external_data_is_saved_with_it(tmp_path) -> None:
+    """Even when every tensor is small (nothing mapped), the output keeps the input's form."""
+    path = tmp_path / "small.onnx"
+    write_llama(path, layers=1, hidden=32, heads=2, ffn=64, vocab=50)
+    model = graphprune.load_model(path)
+    assert not _mapped(model) and model.external_data
+    saved = graphprune.save_model(model.copy(), tmp_path / "out" / "small.onnx")
+    assert saved.with_name("small.onnx.data").exists()
+    assert graphprune.load_model(saved).external_data
 
 
 def test_external_data_chosen_for_mapped_weights_keeps_small_tensors_inline(llama, tmp_path) -> None:
@@ -183,14 +212,17 @@ def test_opset_conversion_keeps_weights_mapped(llama) -> None:
 
 def test_weights_read_only_inside_control_flow_stay_correct(tmp_path) -> None:
     """A big external weight that only an If branch reads (the main graph's tensors do not list
-    it): mapped at load, exported with its bytes inside the subgraph, pruned around, saved."""
+    it): mapped at load, exported with its bytes inside the subgraph, pruned around, saved. And one
+    read by the main graph and a branch: a reference in both places, left out of skeletons."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     out = helper.make_tensor_value_info
     branch = helper.make_graph([helper.make_node("MatMul", ["r", "w2"], ["t"])], "then", [],
                                [out("t", TensorProto.FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Neg", ["r"], ["e"])], "else", [], [out("e", TensorProto.FLOAT, None)])
+    # w1 is also read inside the else branch, so onnx-graphsurgeon copies it into that subgraph
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["xw"]), helper.make_node("Sub", ["r", "xw"], ["e"])],
+                              "else", [], [out("e", TensorProto.FLOAT, None)])
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
          helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "cf",
@@ -201,14 +233,15 @@ def test_weights_read_only_inside_control_flow_stay_correct(tmp_path) -> None:
     proto.ir_version = 8
     path = tmp_path / "if.onnx"
     onnx.save(proto, str(path), save_as_external_data=True, location="if.onnx.data", size_threshold=0)
-    feeds = {"x": np.ones((2, 64), np.float32), "c": np.array(True)}
-    expected = runtime.run(onnx.load(str(path)), feeds)[0]
+    cases = [{"x": np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64), "c": np.array(c)} for c in (True, False)]
+    expected = [runtime.run(onnx.load(str(path)), feeds)[0] for feeds in cases]
     model = graphprune.load_model(path)
     assert {"w1", "w2"} <= {c.name for c in ir._constants_everywhere(model.graph) if weights.origin(c.values)}
-    np.testing.assert_array_equal(runtime.run(model.to_onnx(), feeds)[0], expected)
     assert graphprune.prune(model, ratio=0.5).verified
-    saved = graphprune.save_model(model, tmp_path / "out" / "if.onnx")
-    np.testing.assert_array_equal(runtime.run(graphprune.load_model(saved).to_onnx(), feeds)[0], expected)
+    saved = graphprune.load_model(graphprune.save_model(model, tmp_path / "out" / "if.onnx"))
+    for feeds, values in zip(cases, expected, strict=True):
+        np.testing.assert_array_equal(runtime.run(model.to_onnx(), feeds)[0], values)
+        np.testing.assert_array_equal(runtime.run(saved.to_onnx(), feeds)[0], values)
 
 
 @settings(max_examples=30, deadline=None)
