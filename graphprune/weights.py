@@ -9,8 +9,8 @@ time. A rewrite that replaces a mapped tensor writes the new array to a scratch 
 `Model.to_onnx` exports a mapped tensor as a *reference*: an external-data TensorProto whose location
 names the mapping (`reference`), not bytes; `Model.from_onnx` turns references back into the same
 arrays (`referenced`), and `ir.save_model` writes their bytes out (`write_bytes`). A reference is
-valid while its array lives, in this process only; it is never a file location that another
-program could read.
+valid in this process only, while its array lives or, after that, while the file it was mapped from
+is unchanged; it is never a file location that another program could read.
 
 Mappings are made through libc (`mmap`/`munmap`/`madvise`) so they hold no file descriptor: a model
 with thousands of big tensors maps as many without meeting the open-files limit. Where libc cannot
