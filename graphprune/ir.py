@@ -28,9 +28,6 @@ logger = logging.getLogger(__name__)
 #: protobuf cannot serialize a message of 2 GiB or more; above this many initializer bytes we
 #: save weights as external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-#: tensors above this size are left out of the skeleton used for shape inference (memory-mapped
-#: ones always are).
-SKELETON_TENSOR_BYTES = weights.MAPPED_MIN_BYTES
 #: external-data tensors start at multiples of this in files graphprune writes (page-aligned, so
 #: ONNX Runtime and graphprune map them without an offset)
 EXTERNAL_ALIGNMENT = 4096
@@ -271,22 +268,23 @@ def first_line(exc: BaseException) -> str:
 
 
 def weightless_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose big weights are graph inputs of the same type and shape.
+    """A copy whose big weights (over weights.MAPPED_MIN_BYTES: exactly those that can be
+    memory-mapped, so no reference reaches the checker) are graph inputs of the same type and shape.
 
     onnx.checker and shape inference need only their dims (small constants, such as Reshape
     shapes, keep their values for data propagation), and the copy stays far below protobuf's
     2 GiB limit whatever the model's size.
     """
     skeleton = onnx.ModelProto()
-    if proto_bytes(proto) <= SKELETON_TENSOR_BYTES:
+    if proto_bytes(proto) <= weights.MAPPED_MIN_BYTES:
         skeleton.CopyFrom(proto)
     else:
         _copy_without_weights(proto, skeleton)
     _drop_subgraph_references(skeleton.graph)
-    big = [t for t in skeleton.graph.initializer if _tensor_bytes(t) > SKELETON_TENSOR_BYTES]
+    big = [t for t in skeleton.graph.initializer if _tensor_bytes(t) > weights.MAPPED_MIN_BYTES]
     if not big:
         return skeleton
-    keep = [t for t in skeleton.graph.initializer if _tensor_bytes(t) <= SKELETON_TENSOR_BYTES]
+    keep = [t for t in skeleton.graph.initializer if _tensor_bytes(t) <= weights.MAPPED_MIN_BYTES]
     inputs = {i.name for i in skeleton.graph.input}
     for tensor in big:
         if tensor.name not in inputs:
@@ -332,7 +330,7 @@ def _copy_without_weights(proto: onnx.ModelProto, into: onnx.ModelProto) -> None
     for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(graph, field_name).extend(getattr(proto.graph, field_name))
     for tensor in proto.graph.initializer:
-        if _tensor_bytes(tensor) <= SKELETON_TENSOR_BYTES:
+        if _tensor_bytes(tensor) <= weights.MAPPED_MIN_BYTES:
             graph.initializer.append(tensor)
         else:
             graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
@@ -599,7 +597,7 @@ def _write_external_data(proto: onnx.ModelProto, data_path: Path, inline_up_to: 
             if mapped is None and not (tensor.HasField("raw_data") and len(tensor.raw_data) > inline_up_to):
                 continue
             length = mapped.nbytes if mapped is not None else len(tensor.raw_data)
-            if length > SKELETON_TENSOR_BYTES:
+            if length > weights.MAPPED_MIN_BYTES:
                 out.write(bytes(-out.tell() % EXTERNAL_ALIGNMENT))
             offset = out.tell()
             if mapped is not None:

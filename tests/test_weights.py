@@ -251,8 +251,7 @@ def test_fuzzed_graphs_prune_the_same_memory_mapped_as_in_memory(family: str, da
     zero), random graphs prune to the same verdict and weights as their in-memory twins."""
     text = data.draw({"mlp": mlp_graphs, "conv": conv_graphs, "attention": attention_graphs}[family]())
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as folder:
-        patch.setattr(weights, "MAPPED_MIN_BYTES", 0)
-        patch.setattr(ir, "SKELETON_TENSOR_BYTES", 0)  # the two bounds move together
+        patch.setattr(weights, "MAPPED_MIN_BYTES", 0)  # also the bound of what skeletons leave out
         path = graphprune.save_model(model_from_text(text), Path(folder) / "m.onnx", external=True)
         in_memory, mapped = model_from_text(text), graphprune.load_model(path)
         floats = {name for name, const in mapped.constants().items() if const.values.dtype.kind == "f"}
