@@ -90,7 +90,10 @@ def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndar
         for act, weight in pairs[group.id]:
             norms = np.sqrt(squares[f"{act.tensor}#{act.axis}"][act.start:act.stop])
             contribution = norms * _element_weight_sums(consts[weight.tensor].values, weight)
-            total += contribution.reshape(group.units, -1).sum(axis=1)
+            if act.repeats == 1:
+                total += contribution.reshape(group.units, -1).sum(axis=1)
+            else:  # [repeats, units, unit_len] (packed QKV): every repeat of a unit counts
+                total += contribution.reshape(act.repeats, group.units, -1).sum(axis=(0, 2))
         scores[group.id] = total
     logger.debug("activation scores for %d of %d groups", len(scores), len(deps.prunable))
     return scores

@@ -1,7 +1,11 @@
 """Dependency analysis: slots coupled by op rules become pruning groups (networkx components).
 
 A *slot* is one axis of one tensor. Op rules (graphprune.rules) couple slots index-for-index
-(`Same`) or with an offset (`Offset`: Concat/Split/Slice). Offsets cut slots into *segments*;
+(`Same`), with an offset (`Offset`: Concat/Split/Slice) or as factors of a product (`Factor`:
+Reshape/Flatten merging or splitting axes). Each factor relation is first resolved into a
+`Blocked` coupling of the product with one of its parts (`resolve_factors`): a unit of that part is
+a block of consecutive elements of the product, repeated once per index of the parts outside it
+(head h of a merged [batch * heads] axis is {b * heads + h}). Offsets cut slots into *segments*;
 the cuts are propagated through every coupling until they agree, then each segment is a node of
 a networkx graph whose connected components are the groups. A group's units are removed together
 from every member. A group is frozen when any member is frozen (graph input/output, unknown op,
@@ -11,17 +15,20 @@ an axis a rule cannot map), and the first reasons are kept for `inspect`.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.ir import Model, shape_of
-from graphprune.rules import RULES, Couplings, RuleContext, Slot, freeze_node, mark_unscored
+from graphprune.rules import RULES, Blocked, Couplings, RuleContext, Slot, freeze_node, mark_unscored
+from graphprune.shapes import Monomial, Product, product
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,32 @@ class Member:
     is_weight: bool
     scored: bool = True  # counts towards the unit's importance (divisors do not)
     unit_len: int = 1  # consecutive elements per unit (H*W for a flattened channel)
+    #: how often the pattern of units repeats along the segment: >1 where an outer factor was
+    #: merged in (packed QKV [3 * E], batch * heads); None when that count is symbolic (batch)
+    repeats: int | None = 1
+
+    def unit_elements(self, units: np.ndarray, count: int) -> np.ndarray:
+        """Indices along `axis` of the elements of `units` (of `count` in all), unit by unit."""
+        return segment_elements(self.start, units, count, self.unit_len, self.repeats or 1)
+
+
+class Segment(NamedTuple):
+    """Elements [start, stop) of a slot that belong to group `group`, `unit_len` consecutive ones
+    per unit, the pattern repeated `repeats` times (None: a symbolic count)."""
+
+    start: int
+    stop: int | None
+    group: int
+    unit_len: int
+    repeats: int | None
+
+
+def segment_elements(start: int, units: np.ndarray, count: int, unit_len: int, repeats: int) -> np.ndarray:
+    """Element indices of `units` of a segment laid out as [repeats, count, unit_len] (row-major),
+    unit-major: unit u's elements for every repeat, then the next unit's."""
+    units = np.asarray(units, dtype=np.int64)
+    offsets = np.arange(repeats)[:, None] * (count * unit_len) + np.arange(unit_len)[None, :]
+    return start + (units[:, None, None] * unit_len + offsets[None]).reshape(-1)
 
 
 #: group kinds pruned only on request: the residual stream (`--prune-hidden`)
@@ -75,8 +108,8 @@ class Group:
 @dataclass(frozen=True)
 class Dependencies:
     groups: tuple[Group, ...]
-    #: every slot's segments in order: (start, stop, group id, elements per unit)
-    segments: Mapping[Slot, tuple[tuple[int, int | None, int, int], ...]]
+    #: every slot's segments in order
+    segments: Mapping[Slot, tuple[Segment, ...]]
 
     def group(self, group_id: int) -> Group:
         return self.groups[group_id]
@@ -147,6 +180,87 @@ def _subgraph_reads(node: gs.Node) -> set[str]:
     return names
 
 
+class _Components:
+    """Union-find over slots."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Slot, Slot] = {}
+
+    def find(self, slot: Slot) -> Slot:
+        root = self.parent.setdefault(slot, slot)
+        while root != self.parent[root]:
+            root = self.parent[root]
+        while self.parent[slot] != root:
+            self.parent[slot], slot = root, self.parent[slot]
+        return root
+
+    def union(self, a: Slot, b: Slot) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def resolve_factors(couplings: Couplings) -> None:
+    """Turn every `Factor` into a `Blocked` coupling of the product with one part; the other parts
+    are frozen. Which part is the unit:
+
+    - where the product already has a layout (an earlier factor of an index-for-index equal slot:
+      the [batch * heads] axis a merge made, which a later Reshape splits again), the part at the
+      same place in it, so a merge and its split agree;
+    - else the first part not frozen by what is known so far (couplings other than factors,
+      factors resolved before it): the batch of a merged [batch * heads] axis reaches a graph
+      input, so heads are the unit there, while a [heads * head_dim] split keeps heads.
+    """
+    groups, equal = _Components(), _Components()  # all couplings so far; index-for-index ones
+    for same in couplings.same:
+        groups.union(same.a, same.b)
+        equal.union(same.a, same.b)
+    for off in couplings.offsets:
+        groups.union(off.part, off.whole)
+    for blocked in couplings.blocked:
+        groups.union(blocked.coarse, blocked.fine)
+    frozen_slots = set(couplings.frozen)
+    for factor in couplings.factors:
+        frozen_slots.update(s for s in (factor.whole, *factor.parts) if s[0] in couplings.frozen_tensors)
+    frozen_slots.update(s for s in groups.parent if s[0] in couplings.frozen_tensors)
+    frozen = {groups.find(s) for s in frozen_slots}
+    #: equal-slot root -> (outer, inner) of its unit's elements
+    layouts: dict[Slot, tuple[Product, Product]] = {}
+
+    def freeze(slot: Slot, reason: str) -> None:
+        couplings.freeze(slot, reason)
+        frozen.add(groups.find(slot))
+
+    for factor in couplings.factors:
+        placed = [i for i in range(len(factor.parts))
+                  if (product(list(factor.sizes[:i])), product(list(factor.sizes[i + 1:])))
+                  == layouts.get(equal.find(factor.whole))]
+        choice = placed[0] if placed else next(
+            (i for i, part in enumerate(factor.parts) if groups.find(part) not in frozen), 0)
+        inner = factor.sizes[choice + 1:]
+        outer = product(list(factor.sizes[:choice]))
+        if outer is None or not all(isinstance(d, int) for d in inner):
+            # a unit that is no fixed number of consecutive elements cannot be mapped
+            for slot in (factor.whole, *factor.parts):
+                freeze(slot, factor.reason)
+            continue
+        block = math.prod(inner)
+        unit = factor.parts[choice]
+        couplings.blocked.append(Blocked(unit, factor.whole, block, outer.dim))
+        layouts.setdefault(equal.find(factor.whole), (outer, Product(block)))
+        layouts.setdefault(equal.find(unit), (Product(1), Product(1)))
+        was_frozen = groups.find(unit) in frozen or groups.find(factor.whole) in frozen
+        groups.union(unit, factor.whole)
+        if was_frozen:
+            frozen.add(groups.find(unit))
+        for index, part in enumerate(factor.parts):
+            if index != choice:
+                freeze(part, factor.reason)
+    couplings.factors.clear()
+    for scaled in couplings.scaled:
+        if groups.find(scaled.source) not in frozen:
+            couplings.blocked.append(Blocked(scaled.source, scaled.target, scaled.factor))
+            groups.union(scaled.source, scaled.target)
+
+
 def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | None]:
     tensors = model.tensors()
     slots: set[Slot] = set()
@@ -184,6 +298,8 @@ def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> d
         edges[off.part].append((off.whole, 1, 1, off.start, 0, inf))
         edges[off.whole].append((off.part, 1, 1, -off.start, off.start, off.start + length))
     for blocked in couplings.blocked:
+        if blocked.strided:
+            continue  # a cut of a strided unit's axis is no cut of the other: checked below
         edges[blocked.coarse].append((blocked.fine, blocked.block, 1, 0, 0, inf))
         edges[blocked.fine].append((blocked.coarse, 1, blocked.block, 0, 0, inf))
     cuts: dict[Slot, set[int]] = {s: {0} | ({size} if isinstance(size, int) else set())
@@ -208,12 +324,19 @@ def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> d
             if new:
                 cuts[target] |= new
                 work.append(target)
+    for blocked in couplings.blocked:
+        if blocked.strided and any(cuts[slot] - {0, sizes[slot]} for slot in (blocked.coarse, blocked.fine)):
+            reason = (f"'{blocked.fine[0]}' axis {blocked.fine[1]} repeats its units {blocked.outer} times "
+                      "and is also cut into segments")
+            couplings.frozen.setdefault(blocked.coarse, reason)
+            couplings.frozen.setdefault(blocked.fine, reason)
     return {slot: sorted(c) for slot, c in cuts.items()}
 
 
 def analyze(model: Model) -> Dependencies:
     """Build the groups of `model` (shapes must be inferred)."""
     couplings = collect_couplings(model)
+    resolve_factors(couplings)
     sizes = _slot_sizes(model, couplings)
     cuts = _refine_cuts(sizes, couplings)
 
@@ -243,10 +366,15 @@ def analyze(model: Model) -> Dependencies:
     for off in couplings.offsets:
         for start, _ in segments_of(off.part):
             graph.add_edge((off.part, start), (off.whole, start + off.start))
+    one = Monomial(Fraction(1))
     for blocked in couplings.blocked:
+        if blocked.strided:  # a single segment on both sides (_refine_cuts froze any other case)
+            coarse, fine = (blocked.coarse, 0), (blocked.fine, 0)
+            graph.add_edge(coarse, fine, ratio={coarse: (1, one), fine: (blocked.block, Monomial.of(blocked.outer))})
+            continue
         for start, _ in segments_of(blocked.coarse):
             coarse, fine = (blocked.coarse, start), (blocked.fine, start * blocked.block)
-            graph.add_edge(coarse, fine, ratio={coarse: 1, fine: blocked.block})
+            graph.add_edge(coarse, fine, ratio={coarse: (1, one), fine: (blocked.block, one)})
 
     order = _tensor_order(model)
     frozen_tensors = couplings.frozen_tensors
@@ -257,7 +385,7 @@ def analyze(model: Model) -> Dependencies:
     components = sorted(nx.connected_components(graph),
                         key=lambda comp: min((order.get(s[0], len(order)), s[0], s[1], start) for s, start in comp))
     groups: list[Group] = []
-    segments: dict[Slot, list[tuple[int, int | None, int]]] = defaultdict(list)
+    segments: dict[Slot, list[Segment]] = defaultdict(list)
     for group_id, component in enumerate(components):
         members, reasons, kinds, inexact = [], [], [], []
         lengths = set()
@@ -265,11 +393,13 @@ def analyze(model: Model) -> Dependencies:
         for slot, start in sorted(component, key=lambda s: (order.get(s[0][0], len(order)), s[0][0], s[0][1], s[1])):
             stop = graph.nodes[(slot, start)].get("stop")
             name, axis = slot
-            unit_len = unit_lens[(slot, start)]
+            unit_len, repeats = unit_lens[(slot, start)]
             members.append(Member(name, axis, start, stop, name in weights, slot not in couplings.unscored,
-                                  unit_len))
-            lengths.add(None if stop is None or (stop - start) % unit_len else (stop - start) // unit_len)
-            segments[slot].append((start, stop, group_id, unit_len))
+                                  unit_len, repeats))
+            if repeats is not None:  # a symbolic repeat count (batch) says nothing about the units
+                per_unit = unit_len * repeats
+                lengths.add(None if stop is None or (stop - start) % per_unit else (stop - start) // per_unit)
+            segments[slot].append(Segment(start, stop, group_id, unit_len, repeats))
             for reason in (couplings.frozen.get(slot), frozen_tensors.get(name)):
                 if reason and reason not in reasons:
                     reasons.append(reason)
@@ -290,26 +420,38 @@ def analyze(model: Model) -> Dependencies:
 
 
 def _unit_lengths(graph: nx.Graph, component: set, reasons: list[str]) -> dict:
-    """Elements per unit of every segment: 1 for the coarsest member, `block` times more across
-    each Blocked edge. Inconsistent factors (a cycle through different blocks) freeze the group."""
+    """(elements per unit, repeats) of every segment: 1 and 1 for the coarsest member, `block`
+    times more elements across each Blocked edge and `outer` times more repeats across a strided
+    one. Inconsistent factors (a cycle through different blocks) freeze the group."""
+    disagree = "members disagree on the size of a unit"
     start = min(component, key=lambda n: (n[0][0], n[0][1], n[1]))
-    scale = {start: Fraction(1)}
+    scale = {start: (Fraction(1), Monomial(Fraction(1)))}
     stack = [start]
     while stack:
         node = stack.pop()
         for other in graph.neighbors(node):
             ratio = graph.edges[node, other].get("ratio")
-            value = scale[node] * (Fraction(ratio[other], ratio[node]) if ratio else 1)
+            length, repeats = scale[node]
+            if ratio:
+                length = length * Fraction(ratio[other][0], ratio[node][0])
+                repeats = repeats * ratio[other][1] / ratio[node][1]
             if other not in scale:
-                scale[other] = value
+                scale[other] = (length, repeats)
                 stack.append(other)
-            elif scale[other] != value and "members disagree on the size of a unit" not in reasons:
-                reasons.append("members disagree on the size of a unit")
-    smallest = min(scale.values())
+            elif scale[other] != (length, repeats) and disagree not in reasons:
+                reasons.append(disagree)
+    smallest = min(length for length, _ in scale.values())
+    # the fewest repeats: the count every other member's repeats is a whole multiple of
+    counts = {repeats for _, repeats in scale.values()}
+    base = next((c for c in sorted(counts, key=lambda m: (len(m.powers), m.coef))
+                 if all((other / c).whole for other in counts)), None)
+    if base is None and disagree not in reasons:
+        reasons.append(disagree)
     lengths = {}
-    for node, value in scale.items():
-        length = value / smallest
-        lengths[node] = int(length) if length.denominator == 1 else 1
+    for node, (length, repeats) in scale.items():
+        length = length / smallest
+        count = (repeats / base).count if base is not None else 1
+        lengths[node] = (int(length) if length.denominator == 1 else 1, count)
     return lengths
 
 
@@ -339,6 +481,7 @@ def render(deps: Dependencies, groups: tuple[Group, ...] | None = None) -> str:
             whole = len(deps.segments[(m.tensor, m.axis)]) == 1
             where = f"[{m.axis}]" if whole else f"[{m.axis}][{m.start}:{m.stop}]"
             where += f"x{m.unit_len}" if m.unit_len > 1 else ""
+            where += "" if m.repeats == 1 else f"*{m.repeats or 'n'}"
             members.append(f"{'*' if m.is_weight else ''}{m.tensor}{where}")
         lines.append("  " + " ".join(members))
     return "\n".join(lines) + "\n"

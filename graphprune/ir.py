@@ -348,7 +348,8 @@ UPGRADE_OPSET = 17
 
 def check_supported(model: Model) -> None:
     """Refuse, with the remedy, what graphprune cannot prune safely: default-domain opsets older than
-    MIN_OPSET, and weights holding NaN or infinite values (no score or output check means anything)."""
+    MIN_OPSET, and weights holding NaN or infinite values (no score or output check means anything).
+    A one-element constant may be infinite: exporters fill masked attention scores with -inf."""
     opset = model.graph.opset
     if opset is not None and opset < MIN_OPSET:
         raise InvalidGraphError(f"the model uses ONNX opset {opset}; graphprune supports opset {MIN_OPSET} and newer: "
@@ -356,7 +357,8 @@ def check_supported(model: Model) -> None:
                                 "onnx.version_converter) or convert it yourself")
     for const in model.constants().values():
         values = const.values
-        finite = not np.issubdtype(values.dtype, np.floating) or bool(np.all(np.isfinite(values)))
+        finite = not np.issubdtype(values.dtype, np.floating) or bool(np.all(np.isfinite(values))) or (
+            values.size == 1 and not np.isnan(values).any())
         weights.release(values)
         if not finite:
             nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())

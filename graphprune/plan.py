@@ -36,8 +36,9 @@ class Plan:
 
 def unit_rows(values: np.ndarray, member: Member) -> np.ndarray:
     """A member's per-element array (weights, gradients...) as [units, elements-per-unit]."""
-    part = np.take(np.asarray(values), np.arange(member.start, member.stop), axis=member.axis)
-    return np.moveaxis(part, member.axis, 0).reshape((member.stop - member.start) // member.unit_len, -1)
+    units = (member.stop - member.start) // (member.unit_len * (member.repeats or 1))
+    part = np.take(np.asarray(values), member.unit_elements(np.arange(units), units), axis=member.axis)
+    return np.moveaxis(part, member.axis, 0).reshape(units, -1)
 
 
 #: ONNX Runtime's CPU kernels pack channels in blocks: an odd count such as 47 or 63 runs about

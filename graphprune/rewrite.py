@@ -12,16 +12,17 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.deps import Dependencies
+from graphprune.deps import Dependencies, segment_elements
 from graphprune.ir import Model, shape_of
 from graphprune.plan import Plan
 from graphprune.rules import Slot, slice_start
 from graphprune.rules_conv import group_slot
-from graphprune.shapes import Lit, shape_value
+from graphprune.shapes import Lit, Scaled, shape_value
 from graphprune.weights import replacement
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,13 @@ class RewriteContext:
     model: Model
     kept: dict[Slot, np.ndarray]  # only slots that changed
     names: set[str]
+    #: new size / old size of every slot that loses units, symbolic ones (batch * heads) included
+    ratios: dict[Slot, Fraction] = field(default_factory=dict)
     #: edited copies of shape constants and chains, by (original tensor, edits)
     copies: dict[tuple, gs.Tensor] = field(default_factory=dict)
+
+    def ratio_of(self, slot: Slot) -> Fraction:
+        return self.ratios.get(slot, Fraction(1))
 
     def kept_of(self, tensor: gs.Tensor, axis: int) -> np.ndarray | None:
         return self.kept.get((tensor.name, axis))
@@ -168,7 +174,8 @@ def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
     per-layer head count in the graph is what ONNX Runtime's attention fusion reads. 0 (and
     Expand's 1) keep meaning "whatever the input has"; sizes read at run time follow by themselves."""
     y = node.outputs[0]
-    if len(node.inputs) < 2 or not _touched(y, ctx):
+    resized = _touched(y, ctx) or any((y.name, axis) in ctx.ratios for axis in range(len(y.shape or ())))
+    if len(node.inputs) < 2 or not resized:
         return
     entries = shape_value(node.inputs[1])
     if entries is None:
@@ -181,6 +188,12 @@ def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
         if kept is not None and isinstance(entry, Lit) and entry.path is not None and (
                 entry.value > smallest or entry.value == -1):
             edits.append((entry, len(kept)))
+        elif isinstance(entry, Scaled) and entry.literal is not None and entry.literal.path is not None:
+            # size * literal: the literal takes whatever the size does not follow by itself
+            factor = entry.factor * ctx.ratio_of((y.name, position + lead)) / ctx.ratio_of(
+                (entry.dim.tensor, entry.dim.axis))
+            if factor != entry.factor and factor.denominator == 1:
+                edits.append((entry.literal, entry.literal.value * int(factor) // entry.factor))
     if edits:
         _set_literals(node, 1, edits, ctx)
 
@@ -213,15 +226,36 @@ FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
 }
 
 
+def size_ratios(deps: Dependencies, plan: Plan) -> dict[Slot, Fraction]:
+    """New size / old size of every slot that loses units, also where the size is symbolic: a
+    [batch * heads] axis keeps kept/units of its elements."""
+    ratios = {}
+    for slot, segments in deps.segments.items():
+        if not any(seg.group in plan.kept for seg in segments):
+            continue
+        if all(seg.stop is not None and seg.repeats is not None for seg in segments):
+            old = sum(seg.stop - seg.start for seg in segments)
+            new = sum(len(plan.kept[seg.group]) * seg.unit_len * seg.repeats if seg.group in plan.kept
+                      else seg.stop - seg.start for seg in segments)
+            ratios[slot] = Fraction(new, old)
+        elif len(segments) == 1:
+            ratios[slot] = Fraction(len(plan.kept[segments[0].group]), deps.group(segments[0].group).units)
+    return ratios
+
+
 def kept_indices(deps: Dependencies, plan: Plan) -> dict[Slot, np.ndarray]:
-    """Element indices kept along every slot that loses units (each unit is `unit_len` elements)."""
+    """Element indices kept along every slot that loses units (each unit is `unit_len` elements,
+    repeated `repeats` times). A slot of symbolic size (batch * heads) is left out: it is an
+    activation, whose size follows from the weights, and no literal can give it."""
     kept: dict[Slot, np.ndarray] = {}
     for slot, segments in deps.segments.items():
-        if not any(gid in plan.kept for _, _, gid, _ in segments):
+        if not any(seg.group in plan.kept for seg in segments):
             continue
-        parts = [start + (plan.kept[gid][:, None] * unit_len + np.arange(unit_len)).ravel()
-                 if gid in plan.kept else np.arange(start, stop)
-                 for start, stop, gid, unit_len in segments]
+        if any(seg.stop is None or seg.repeats is None for seg in segments):
+            continue
+        parts = [np.sort(segment_elements(seg.start, plan.kept[seg.group], deps.group(seg.group).units,
+                                          seg.unit_len, seg.repeats))
+                 if seg.group in plan.kept else np.arange(seg.start, seg.stop) for seg in segments]
         kept[slot] = np.concatenate(parts).astype(np.int64)
     return kept
 
@@ -230,7 +264,7 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
     """Remove the plan's units from `model` in place; returns counts for the report."""
     kept = kept_indices(deps, plan)
     tensors = model.tensors()
-    ctx = RewriteContext(model, kept, set(tensors) | {n.name for n in model.graph.nodes})
+    ctx = RewriteContext(model, kept, set(tensors) | {n.name for n in model.graph.nodes}, size_ratios(deps, plan))
     params_before = model.param_count()
     by_tensor: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (name, axis), indices in kept.items():

@@ -39,11 +39,47 @@ class Offset:
 @dataclass(frozen=True)
 class Blocked:
     """Index u of slot `coarse` is indices [u * block, (u + 1) * block) of slot `fine`: a channel
-    flattened with its H*W positions, a head split off its head_dim channels."""
+    flattened with its H*W positions, a head split off its head_dim channels.
+
+    With `outer` > 1 the pattern repeats: `fine` is [outer, coarse, block] flattened, so unit u is
+    the strided set {o * period + u * block + r} (period = coarse size * block). A head of a merged
+    [batch * heads] axis is such a set; `outer` may then be symbolic (`batch`)."""
 
     coarse: Slot
     fine: Slot
     block: int
+    outer: Dim = 1
+
+    @property
+    def strided(self) -> bool:
+        return self.outer != 1
+
+
+@dataclass(frozen=True)
+class Factor:
+    """The elements of slot `whole` are the row-major product of `parts` (outermost first), as a
+    Reshape that merges [batch, heads] into batch*heads or splits heads*head_dim into [heads,
+    head_dim] lays them out. The whole follows the units of one part; which one is decided over the
+    whole graph (`deps.resolve_factors`): the first part that is not frozen, so the head of a
+    [batch * heads] axis is a unit although batch is the outer factor. The other parts are frozen
+    with `reason`: removing part of them would not leave whole units."""
+
+    whole: Slot
+    parts: tuple[Slot, ...]
+    sizes: tuple[Dim, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScaledSize:
+    """A Reshape/Expand target gives slot `target` the size of slot `source` times a literal
+    (`num_kv_heads * n_rep`, `batch * num_heads`). Where `source` can lose units the target follows
+    it (a `Blocked` coupling; the literal stays); where it cannot (batch), the target's units come
+    from elsewhere and the rewrite scales the literal with them."""
+
+    source: Slot
+    target: Slot
+    factor: int
 
 
 @dataclass
@@ -53,12 +89,14 @@ class Couplings:
     same: list[Same] = field(default_factory=list)
     offsets: list[Offset] = field(default_factory=list)
     blocked: list[Blocked] = field(default_factory=list)
+    factors: list[Factor] = field(default_factory=list)
+    scaled: list[ScaledSize] = field(default_factory=list)
     frozen: dict[Slot, str] = field(default_factory=dict)
     frozen_tensors: dict[str, str] = field(default_factory=dict)
     produced: dict[Slot, str] = field(default_factory=dict)  # slot -> unit kind ("neuron", ...)
     inexact: dict[Slot, str] = field(default_factory=dict)  # removal changes outputs (normalization)
     #: slots that are no tensor's axis (the groups of a grouped conv), with their sizes
-    virtual: dict[Slot, int] = field(default_factory=dict)
+    virtual: dict[Slot, Dim] = field(default_factory=dict)
     #: weights that say nothing about a unit's contribution by their magnitude (divisors)
     unscored: set[Slot] = field(default_factory=set)
     #: slots the rule of the current node said something about (the rest is frozen after it)
@@ -78,6 +116,10 @@ class Couplings:
         else:
             self.blocked.append(Blocked(coarse, fine, block))
             self.touched.update((coarse, fine))
+
+    def factor(self, whole: Slot, parts: list[Slot], sizes: list[Dim], reason: str) -> None:
+        self.factors.append(Factor(whole, tuple(parts), tuple(sizes), reason))
+        self.touched.update([whole, *parts])
 
     def freeze(self, slot: Slot, reason: str) -> None:
         self.frozen.setdefault(slot, reason)

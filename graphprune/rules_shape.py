@@ -10,18 +10,19 @@ by Shape -> Concat chains (`graphprune.shapes`), are recomputed by the rewrite.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from graphprune.rules import Couplings, Dim, Rule, RuleContext, _where, freeze_node
+from graphprune.rules import Couplings, Dim, Rule, RuleContext, ScaledSize, _where, freeze_node
 from graphprune.shapes import DimOf, Entry, Lit, Opaque, Product, Scaled, shape_value, sources
 
 
 def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_axes: list[int],
                  out_axes: list[int], in_shape: list[Dim], out_shape: list[Dim]) -> None:
-    """Couple one matched run: in_axes of x hold the same elements as out_axes of y."""
+    """Couple one matched run: in_axes of x hold the same elements as out_axes of y. A merge or a
+    split is a `Factor` (which part is the unit is decided over the whole graph); a run that does
+    both ([batch, E] -> [batch*heads, head_dim]) is cut into common factors first."""
     ins = [a for a in in_axes if in_shape[a] != 1]
     outs = [a for a in out_axes if out_shape[a] != 1]
     if not ins and not outs:
@@ -30,21 +31,80 @@ def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_a
         out.couple((x.name, ins[0]), (y.name, outs[0]))
         return
     reason = f"{_where(node)} merges or splits this axis with others"
-    if len(outs) == 1 and all(isinstance(in_shape[a], int) for a in ins[1:]):
-        out.block((x.name, ins[0]), (y.name, outs[0]), math.prod(in_shape[a] for a in ins[1:]))
-        for axis in ins[1:]:
-            out.freeze((x.name, axis), reason)
-    elif len(ins) == 1 and all(isinstance(out_shape[a], int) for a in outs[1:]):
-        out.block((y.name, outs[0]), (x.name, ins[0]), math.prod(out_shape[a] for a in outs[1:]))
+    if len(outs) == 1:
+        out.factor((y.name, outs[0]), [(x.name, a) for a in ins], [in_shape[a] for a in ins], reason)
+        return
+    if len(ins) == 1:
+        out.factor((x.name, ins[0]), [(y.name, a) for a in outs], [out_shape[a] for a in outs], reason)
         if outs[-1] == len(out_shape) - 1 and ins[0] == len(in_shape) - 1:
-            out.produced[(y.name, outs[0])] = "head"  # [.., H*D] -> [.., H, D]: units of D features
-        for axis in outs[1:]:
-            out.freeze((y.name, axis), reason)
-    else:
+            # [.., H*D] -> [.., H, D] (or [.., 3, H, D], packed QKV): units of D features
+            out.produced.update({(y.name, a): "head" for a in outs[:-1]})
+        return
+    atoms = common_factors([in_shape[a] for a in ins], [out_shape[a] for a in outs])
+    if atoms is None:
         for axis in ins:
             out.freeze((x.name, axis), reason)
         for axis in outs:
             out.freeze((y.name, axis), reason)
+        return
+    sizes, in_atoms, out_atoms = atoms
+    # each common factor is represented by an axis that is that factor alone, else by a virtual slot
+    single = {}
+    for tensor, axes, groups in ((x, ins, in_atoms), (y, outs, out_atoms)):
+        for axis, group in zip(axes, groups, strict=True):
+            if len(group) == 1:
+                if group[0] in single:
+                    out.couple(single[group[0]], (tensor.name, axis))
+                else:
+                    single[group[0]] = (tensor.name, axis)
+    slots = []
+    for index, size in enumerate(sizes):
+        if index not in single:
+            single[index] = (f"{y.name}::factor", index)
+            out.virtual[single[index]] = size
+        slots.append(single[index])
+    for tensor, axes, groups in ((x, ins, in_atoms), (y, outs, out_atoms)):
+        for axis, group in zip(axes, groups, strict=True):
+            if len(group) > 1:
+                out.factor((tensor.name, axis), [slots[i] for i in group], [sizes[i] for i in group], reason)
+    if ins[-1] == len(in_shape) - 1 and outs[-1] == len(out_shape) - 1 and len(in_atoms[-1]) > 1 \
+            and out_atoms[-1] == in_atoms[-1][-1:]:
+        out.produced[slots[in_atoms[-1][0]]] = "head"  # [.., B, H*D] -> [.., B*H, D]: units of D features
+
+
+def common_factors(a: list[Dim], b: list[Dim]) -> tuple[list[Dim], list[list[int]], list[list[int]]] | None:
+    """The coarsest factors both lists of dims (with equal products) are made of, left to right:
+    [batch, 64] and [batch*4, 16] give [batch, 4, 16], with axes [[0], [1, 2]] and [[0, 1], [2]].
+    None when some dims cannot be cut at a common boundary ([4, 6] against [6, 4])."""
+    left, right = [Product.of(d) for d in a], [Product.of(d) for d in b]
+    if any(p is None for p in left + right):
+        return None
+    sizes: list[Dim] = []
+    groups_a: list[list[int]] = [[] for _ in a]
+    groups_b: list[list[int]] = [[] for _ in b]
+    i = j = 0
+    one = Product(1)
+    while i < len(left) and j < len(right):
+        p, q = left[i], right[j]
+        if p == q:
+            atom = p
+        elif q.divide(p) is not None:
+            atom = p
+        elif p.divide(q) is not None:
+            atom = q
+        else:
+            return None
+        groups_a[i].append(len(sizes))
+        groups_b[j].append(len(sizes))
+        sizes.append(atom.dim)
+        left[i], right[j] = p.divide(atom), q.divide(atom)
+        if left[i] == one:
+            i += 1
+        if right[j] == one:
+            j += 1
+    if i != len(left) or j != len(right):
+        return None
+    return sizes, groups_a, groups_b
 
 
 def match_axes(in_shape: list[Dim], out_shape: list[Dim]) -> list[tuple[list[int], list[int]]] | None:
@@ -119,6 +179,9 @@ def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tenso
             out.freeze(slot, f"{_where(node)}: one literal gives several sizes")
         if isinstance(entry, DimOf):
             out.couple((entry.tensor, entry.axis), slot)
+        elif isinstance(entry, Scaled) and entry.literal is not None and entry.literal.path is not None:
+            out.scaled.append(ScaledSize((entry.dim.tensor, entry.dim.axis), slot, entry.factor))
+            out.touched.add(slot)
         elif isinstance(entry, Scaled):
             out.block((entry.dim.tensor, entry.dim.axis), slot, entry.factor)
         elif isinstance(entry, Opaque):
@@ -152,7 +215,7 @@ def _shape_uses(tensor: gs.Tensor, graph_outputs: frozenset[str]):
 
 
 #: ops that compute shape vectors from any of their inputs, and ones that do from their first only
-SHAPE_COMBINE = frozenset({"Concat", "Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Where"})
+SHAPE_COMBINE = frozenset({"Concat", "Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Equal", "Where"})
 SHAPE_SELECT = frozenset({"Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"})
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -41,10 +42,13 @@ class DimOf:
 
 @dataclass(frozen=True)
 class Scaled:
-    """A run-time size times a literal (`num_kv_heads * n_rep`): it follows its source."""
+    """A run-time size times a literal (`num_kv_heads * n_rep`, `batch * num_heads`): it follows its
+    source. `literal` is the constant that holds `factor` when one does (the rewrite can change
+    it: `batch * num_heads` must follow the heads kept)."""
 
     dim: DimOf
     factor: int
+    literal: Lit | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,15 @@ def _const_ints(tensor: gs.Tensor) -> np.ndarray | None:
 
 def _step(node: gs.Node, index: int, entries: list[Entry]) -> list[Entry]:
     """Entries read through input `index` of `node`: literals get the step on their path."""
-    return [Lit(e.value, ((node, index),) + e.path, e.index) if isinstance(e, Lit) and e.path is not None else e
-            for e in entries]
+    return [_step_entry(node, index, e) for e in entries]
+
+
+def _step_entry(node: gs.Node, index: int, entry: Entry) -> Entry:
+    if isinstance(entry, Lit) and entry.path is not None:
+        return Lit(entry.value, ((node, index),) + entry.path, entry.index)
+    if isinstance(entry, Scaled) and entry.literal is not None:
+        return Scaled(entry.dim, entry.factor, _step_entry(node, index, entry.literal))
+    return entry
 
 
 def _broadcast(parts: list[list[Entry]]) -> list[tuple[Entry, ...]] | None:
@@ -93,7 +104,8 @@ def _broadcast(parts: list[list[Entry]]) -> list[tuple[Entry, ...]] | None:
 
 
 _ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
-               "Div": lambda a, b: a // b if b else None, "Max": max, "Min": min,
+               "Div": lambda a, b: a // b if b else None, "Mod": lambda a, b: a % b if b else None,
+               "Max": max, "Min": min,
                "Equal": lambda a, b: int(a == b)}
 
 
@@ -107,7 +119,8 @@ def _combine(op: str, a: Entry, b: Entry) -> Entry:
         if isinstance(lit, Lit) and not isinstance(dim, Lit) and lit.value > 0:
             factor = lit.value * (dim.factor if isinstance(dim, Scaled) else 1)
             base = dim.dim if isinstance(dim, Scaled) else dim
-            return base if factor == 1 else Scaled(base, factor)
+            held = lit if isinstance(dim, DimOf) and lit.path is not None else None
+            return base if factor == 1 else Scaled(base, factor, held)
     if op == "Equal" and isinstance(a, DimOf | Lit) and isinstance(b, DimOf | Lit):
         lit = a if isinstance(a, Lit) else b
         if isinstance(lit, Lit) and lit.value < 0:
@@ -153,14 +166,15 @@ def shape_value(tensor: gs.Tensor, depth: int = 0) -> list[Entry] | None:
         return _step(node, 0, picked)
     if op == "Slice":
         data = shape_value(node.inputs[0], depth + 1)
-        bounds = [_const_ints(t) if t.name else np.zeros(0, np.int64) for t in node.inputs[1:]]
+        bounds = [_literal_ints(t, depth) if t.name else [] for t in node.inputs[1:]]
         if data is None or any(b is None for b in bounds) or len(bounds) < 2 or not len(bounds[0]):
             return None
-        starts, ends = int(bounds[0][0]), int(bounds[1][0])
-        steps = int(bounds[3][0]) if len(bounds) > 3 and len(bounds[3]) else 1
+        starts, ends = bounds[0][0], bounds[1][0]
+        steps = bounds[3][0] if len(bounds) > 3 and len(bounds[3]) else 1
         return _step(node, 0, data[slice(starts, ends, steps)])
     if op in _ARITHMETIC:
         parts = [shape_value(t, depth + 1) for t in node.inputs[:2]]
+        parts = [None if p is None else _step(node, i, p) for i, p in enumerate(parts)]
         pairs = None if any(p is None for p in parts) else _broadcast(parts)
         return None if pairs is None else [_combine(op, a, b) for a, b in pairs]
     if op == "Where":
@@ -178,6 +192,18 @@ def shape_value(tensor: gs.Tensor, depth: int = 0) -> list[Entry] | None:
         fill = 0 if fill is None else int(np.asarray(getattr(fill, "values", fill)).reshape(-1)[0])
         return None if count is None else [Lit(fill, None)] * count
     return None
+
+
+def _literal_ints(tensor: gs.Tensor, depth: int) -> list[int] | None:
+    """A small integer tensor known at analysis time: a constant, or literals combined by shape
+    arithmetic (TorchScript computes Slice bounds as `Mod(2, 3)`)."""
+    values = _const_ints(tensor)
+    if values is not None:
+        return [int(v) for v in values.reshape(-1)]
+    entries = shape_value(tensor, depth + 1)
+    if entries is None or not all(isinstance(e, Lit) for e in entries):
+        return None
+    return [e.value for e in entries]
 
 
 def _static_count(tensor: gs.Tensor, depth: int) -> int | None:
@@ -234,6 +260,45 @@ class Product:
         if not self.symbols:
             return self.coef
         return "*".join(([str(self.coef)] if self.coef != 1 else []) + list(self.symbols))
+
+
+@dataclass(frozen=True)
+class Monomial:
+    """A ratio of products of sizes, coef x symbol^power (powers may be negative): how many more
+    times a unit's pattern repeats in one slot than in another (`batch` for [batch*heads] vs heads)."""
+
+    coef: Fraction
+    powers: tuple[tuple[str, int], ...] = ()
+
+    @staticmethod
+    def of(dim: int | str) -> Monomial:
+        size = Product.of(dim)
+        if size is None:
+            raise ValueError(f"not a size: {dim!r}")
+        return Monomial(Fraction(size.coef), tuple(sorted(Counter(size.symbols).items())))
+
+    def _combine(self, other: Monomial, sign: int) -> Monomial:
+        powers = Counter(dict(self.powers))
+        for symbol, power in other.powers:
+            powers[symbol] += sign * power
+        coef = self.coef * other.coef if sign > 0 else self.coef / other.coef
+        return Monomial(coef, tuple(sorted((s, p) for s, p in powers.items() if p)))
+
+    def __mul__(self, other: Monomial) -> Monomial:
+        return self._combine(other, 1)
+
+    def __truediv__(self, other: Monomial) -> Monomial:
+        return self._combine(other, -1)
+
+    @property
+    def whole(self) -> bool:
+        """A count: a positive integer coefficient and no symbol in a denominator."""
+        return self.coef.denominator == 1 and self.coef >= 1 and all(p > 0 for _, p in self.powers)
+
+    @property
+    def count(self) -> int | None:
+        """The number it stands for, or None when it is symbolic."""
+        return int(self.coef) if not self.powers and self.coef.denominator == 1 else None
 
 
 def product(dims: list) -> Product | None:

@@ -63,14 +63,13 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
         for member in group.scored_weights if dead.get(group.id) else ():
             values = np.asarray(consts[member.tensor].values).copy()
             index: list = [slice(None)] * values.ndim
-            index[member.axis] = [member.start + u * member.unit_len + j for u in sorted(dead[group.id])
-                                  for j in range(member.unit_len)]
+            index[member.axis] = member.unit_elements(np.array(sorted(dead[group.id])), group.units)
             values[tuple(index)] = 0
             consts[member.tensor].values = values
     expected = 0
     for tensor in model.weights():
-        kept = [sum(stop - start - len(dead.get(gid, ())) * unit_len
-                    for start, stop, gid, unit_len in deps.segments[(tensor.name, axis)])
+        kept = [sum(seg.stop - seg.start - len(dead.get(seg.group, ())) * seg.unit_len * seg.repeats
+                    for seg in deps.segments[(tensor.name, axis)])
                 if (tensor.name, axis) in deps.segments else size for axis, size in enumerate(tensor.values.shape)]
         expected += int(np.prod(kept))
     proto = model.to_onnx()

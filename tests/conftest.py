@@ -59,12 +59,15 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="session")
 def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The real all-MiniLM-L6-v2, both exporters, dynamic batch and sequence."""
+    """The real all-MiniLM-L6-v2 with eager attention, both exporters, dynamic batch and sequence;
+    and "default": `AutoModel.from_pretrained` as a user calls it (SDPA), exported by dynamo."""
 
     from graphprune.models.minilm import english_sentences, export, load_encoder, tokenize
 
     folder = tmp_path_factory.mktemp("minilm")
-    encoder = load_encoder()
     feeds = tokenize(list(english_sentences()[:2]), seq=16)
-    return {exporter: graphprune.save_model(export(encoder, feeds, exporter), folder / f"minilm-{exporter}.onnx")
-            for exporter in ("dynamo", "torchscript")}
+    encoder = load_encoder()
+    paths = {exporter: graphprune.save_model(export(encoder, feeds, exporter), folder / f"minilm-{exporter}.onnx")
+             for exporter in ("dynamo", "torchscript")}
+    paths["default"] = graphprune.save_model(export(load_encoder("default"), feeds), folder / "minilm-default.onnx")
+    return paths

@@ -1,6 +1,7 @@
 """Attention models: heads (GQA: whole KV groups) and FFN neurons of BERT, GPT-2, LLaMA, Qwen2 and
-ViT prune into verified models for both exporters, static and dynamic, and dead heads and neurons
-are removed exactly."""
+ViT prune into verified models for both exporters, static and dynamic, with the library's default
+attention (SDPA: the exported graph merges batch and heads into one axis) as well as eager, and
+dead heads and neurons are removed exactly."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ NAMES = sorted(ATTENTION_BUILDERS)
 #: (exporter, dynamic axes?) — dynamo with static shapes, dynamo and TorchScript with dynamic ones
 VARIANTS = {"dynamo-static": ("dynamo", False), "dynamo-dynamic": ("dynamo", True),
             "torchscript-dynamic": ("torchscript", True)}
+#: "default": what transformers picks when the user names none (SDPA); "eager": softmax(QK^T)V
+ATTENTIONS = ("default", "eager")
 #: units of the prunable groups: heads (KV groups for LLaMA/Qwen2: 2 KV heads of 2 query heads
 #: each) and FFN neurons, one of each per layer; the hidden size is a graph output here
 EXPECTED_UNITS = {"bert": [4, 4, 128, 128], "gpt2": [4, 4, 128, 128], "llama": [2, 2, 128, 128],
@@ -28,22 +31,26 @@ EXPECTED_UNITS = {"bert": [4, 4, 128, 128], "gpt2": [4, 4, 128, 128], "llama": [
 
 
 @pytest.fixture(scope="session")
-def attention_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+def attention_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, str], Path]:
     folder = tmp_path_factory.mktemp("attention")
     paths = {}
     for name in NAMES:
-        for variant, (exporter, dynamic) in VARIANTS.items():
-            net = ATTENTION_BUILDERS[name]()
-            model = graphprune.from_torch(net, net.example_inputs(), input_names=net.input_names,
-                                          dynamic_axes=net.dynamic_axes if dynamic else None, exporter=exporter)
-            paths[(name, variant)] = graphprune.save_model(model, folder / f"{name}-{variant}.onnx")
+        for attention in ATTENTIONS:
+            for variant, (exporter, dynamic) in VARIANTS.items():
+                net = ATTENTION_BUILDERS[name](attention=attention)
+                model = graphprune.from_torch(net, net.example_inputs(), input_names=net.input_names,
+                                              dynamic_axes=net.dynamic_axes if dynamic else None, exporter=exporter)
+                paths[(name, attention, variant)] = graphprune.save_model(
+                    model, folder / f"{name}-{attention}-{variant}.onnx")
     return paths
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("name", NAMES)
-def test_heads_and_neurons_prune_to_a_verified_model(attention_paths, tmp_path, name: str, variant: str) -> None:
-    path = attention_paths[(name, variant)]
+def test_heads_and_neurons_prune_to_a_verified_model(attention_paths, tmp_path, name: str, attention: str,
+                                                     variant: str) -> None:
+    path = attention_paths[(name, attention, variant)]
     deps, kept = api.preview(graphprune.load_model(path), ratio=0.5)
     units = sorted(g.units for g in deps.prunable)
     assert units == EXPECTED_UNITS[name]
@@ -54,6 +61,9 @@ def test_heads_and_neurons_prune_to_a_verified_model(attention_paths, tmp_path, 
     assert main(["prune", str(path), "-o", str(out), "--ratio", "0.5", "--report", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["verified"] and report["params_after"] < 0.6 * report["params_before"]
+    # every attention layer lost heads: the report's head groups show fewer units
+    heads = [(g["units_before"], g["units_after"]) for g in report["groups"] if g["kind"] == "head"]
+    assert len(heads) == 2 and all(after == before // 2 for before, after in heads), heads
     dense, pruned = graphprune.load_model(path).to_onnx(), graphprune.load_model(out).to_onnx()
     # dynamic exports run at a batch and sequence length other than the traced ones
     feeds = runtime.sample_inputs(dense, dynamic_dim=5)
@@ -61,9 +71,10 @@ def test_heads_and_neurons_prune_to_a_verified_model(attention_paths, tmp_path, 
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("name", NAMES)
-def test_dead_heads_and_neurons_are_removed_exactly(attention_paths, name: str, variant: str) -> None:
-    model = graphprune.load_model(attention_paths[(name, variant)])
+def test_dead_heads_and_neurons_are_removed_exactly(attention_paths, name: str, attention: str, variant: str) -> None:
+    model = graphprune.load_model(attention_paths[(name, attention, variant)])
     assert all(g.exact for g in api.inspect(model).prunable)  # so the oracle below covers every group
     heads_seen = []
 
@@ -86,7 +97,7 @@ def test_ort_fuses_as_many_attention_layers_on_a_pruned_bert(attention_paths, tm
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    dense = attention_paths[("bert", "torchscript-dynamic")]
+    dense = attention_paths[("bert", "eager", "torchscript-dynamic")]
     pruned = tmp_path / "p.onnx"
     assert main(["prune", str(dense), "-o", str(pruned), "--ratio", "0.5"]) == 0
 
@@ -174,7 +185,7 @@ def test_drop_blocks_refuses_to_drop_every_block(headed_paths, tmp_path, capsys)
     assert not (tmp_path / "p.onnx").exists()
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript", "default"])
 def test_minilm_heads_and_neurons(minilm_paths, tmp_path, exporter: str) -> None:
     path = minilm_paths[exporter]
     deps, kept = api.preview(graphprune.load_model(path), ratio=0.5)
@@ -193,9 +204,10 @@ def test_minilm_heads_and_neurons(minilm_paths, tmp_path, exporter: str) -> None
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("name", NAMES)
-def test_lowered_module_matches_onnx_runtime(attention_paths, name: str, variant: str) -> None:
-    check_lowering(graphprune.load_model(attention_paths[(name, variant)]))
+def test_lowered_module_matches_onnx_runtime(attention_paths, name: str, attention: str, variant: str) -> None:
+    check_lowering(graphprune.load_model(attention_paths[(name, attention, variant)]))
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])

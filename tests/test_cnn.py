@@ -58,10 +58,17 @@ def test_inspect_lists_groups_and_frozen_reasons(cnn_paths, capsys, name: str) -
     assert all(g["frozen"] for g in groups if not g["prunable"] and g["units"] and g["units"] > 1)
 
 
-def test_channel_shuffle_is_frozen_with_its_reason(cnn_paths) -> None:
-    deps = graphprune.inspect(graphprune.load_model(cnn_paths["shufflenet"]))
-    reasons = "; ".join(r for g in deps.weight_groups for r in g.frozen)
+def test_channel_shuffle_prunes_whole_shuffle_groups(cnn_paths) -> None:
+    """[B, C] -> [B, g, C/g] -> transpose -> [B, C]: a shuffle group is g blocks of channels before
+    the shuffle and a strided set after it; the other factor (channels within a group) is frozen."""
+    model = graphprune.load_model(cnn_paths["shufflenet"])
+    deps = graphprune.inspect(model)
+    shuffled = [g for g in deps.prunable if any(m.repeats != 1 for m in g.members)]
+    assert len(shuffled) == 1 and shuffled[0].units == 4  # ChannelShuffle(4) of 16 channels
+    reasons = "; ".join(r for g in deps.groups for r in g.frozen)
     assert "Reshape" in reasons and "merges or splits" in reasons
+    removed = check_dead_unit_removal(model, lambda g: {1} if g.id == shuffled[0].id else set())
+    assert removed > 0
 
 
 def test_grouped_convolution_keeps_whole_groups(cnn_paths) -> None:

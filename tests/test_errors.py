@@ -282,6 +282,25 @@ def test_non_finite_weights_are_refused(capsys, tmp_path, bad: str) -> None:
     run_refused(capsys, path, tmp_path / "o.onnx", "--ratio", "0.5", expect=f"initializer 'w1' {expect}")
 
 
+def test_an_infinite_mask_fill_value_is_accepted(tmp_path) -> None:
+    """TorchScript's export of SDPA fills masked scores with a -inf scalar constant: not a weight."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Max", ["m", "fill"], ["f"]),
+         helper.make_node("Relu", ["f"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w1"),
+         numpy_helper.from_array(np.array(-np.inf, np.float32), "fill"),
+         numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "w2")])
+    path = tmp_path / "fill.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--ratio", "0.5"]) == 0
+
+
 def test_absurd_input_dims_are_refused_not_allocated(capsys, tmp_path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
