@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from graphprune.deps import Dependencies, analyze
+from graphprune.deps import GQA_MODES, Dependencies, analyze
 from graphprune.errors import OptionError
 from graphprune.ir import Model, unshare_constants
 from graphprune.pipeline import AnalysisManager, PassManager, Progress, Report, parse_pipeline
@@ -19,7 +19,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
                    drop_blocks: int | None = None, reconstruct: bool = False, allocation: str = "uniform",
                    head_ratio: float | None = None, ffn_ratio: float | None = None,
                    channel_ratio: float | None = None, target_params: float | None = None,
-                   target_flops: float | None = None, target_latency: float | None = None) -> str:
+                   target_flops: float | None = None, target_latency: float | None = None,
+                   gqa: str = "kv") -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
     targets = {k: v for k, v in (("target_params", target_params), ("target_flops", target_flops),
                                  ("target_latency", target_latency)) if v is not None}
@@ -34,6 +35,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         raise OptionError("--prune-hidden needs --ratio or --threshold")
     if reconstruct and not structural:
         raise OptionError("--reconstruct needs --ratio or --threshold")
+    if gqa not in GQA_MODES:
+        raise OptionError(f"--gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
     if drop_blocks is not None and drop_blocks < 0:
         raise OptionError(f"--drop-blocks must be >= 0, got {drop_blocks}")
     stages = [f"drop-blocks{{count={drop_blocks},seed={seed}}}"] if drop_blocks else []
@@ -54,7 +57,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         rounding += "" if allocation == "uniform" else f",allocation={allocation}"
         for key, value in (("head_ratio", head_ratio), ("neuron_ratio", ffn_ratio), ("channel_ratio", channel_ratio)):
             rounding += "" if value is None else f",{key}={value}"
-        stages += ["unshare", "deps", f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
+        deps = "deps" if gqa == "kv" else f"deps{{gqa={gqa}}}"
+        stages += ["unshare", deps, f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
         stages += ["reconstruct"] if reconstruct else []
     if unstructured:
         amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
@@ -95,18 +99,18 @@ def _analysis_copy(model: Model) -> Model:
     return work
 
 
-def inspect(model: Model) -> Dependencies:
+def inspect(model: Model, gqa: str = "kv") -> Dependencies:
     """The dependency groups of `model` (after un-sharing constants, as `prune` sees them)."""
-    return analyze(_analysis_copy(model))
+    return analyze(_analysis_copy(model), gqa)
 
 
 def preview(model: Model, ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
-            round_to: int | None = None, seed: int = 0, prune_hidden: bool = False,
+            round_to: int | None = None, seed: int = 0, prune_hidden: bool = False, gqa: str = "kv",
             ) -> tuple[Dependencies, dict[int, int]]:
     """Dry run of `prune`: the groups and how many units each would keep; `model` is not changed."""
     work = _analysis_copy(model)
     am = AnalysisManager()
-    deps = am.run(parse_pipeline("deps")[0], work)
+    deps = am.run(parse_pipeline(f"deps{{gqa={gqa}}}")[0], work)
     if ratio is None and threshold is None:
         return deps, {g.id: g.units for g in deps.weight_groups}
     scores = am.run(parse_pipeline(f"importance{{kind={importance},seed={seed}}}")[0], work)

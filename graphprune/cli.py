@@ -84,6 +84,9 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-hidden", action="store_true",
                    help="also prune the hidden size (the residual stream of a transformer: embeddings, "
                         "norms, every projection); off by default")
+    p.add_argument("--gqa", choices=("kv", "query"), default="kv",
+                   help="grouped-query attention: kv removes whole KV heads with their query heads "
+                        "(default); query keeps every KV head and removes the same query heads from each")
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="uniform: --ratio of every group (default); global: units of a kind compete across "
                         "groups by normalized importance (at most 90%% of any group)")
@@ -128,6 +131,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
     p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")
+    p.add_argument("--gqa", choices=("kv", "query"), default="kv",
+                   help="grouped-query attention units: whole KV heads (default) or query heads")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -318,7 +323,7 @@ def _structured_options(args: argparse.Namespace) -> dict:
     return {"importance": args.importance, "round_to": args.round_to, "round_mode": args.round_mode,
             "prune_hidden": args.prune_hidden, "reconstruct": args.reconstruct, "allocation": args.allocation,
             "head_ratio": args.head_ratio, "ffn_ratio": args.ffn_ratio, "channel_ratio": args.channel_ratio,
-            "drop_blocks": args.drop_blocks}
+            "drop_blocks": args.drop_blocks, "gqa": args.gqa}
 
 
 def _labels(spec: str | None, model):
@@ -376,7 +381,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     model = load_model(args.input)
     deps, kept = api.preview(model, args.ratio, args.threshold, args.importance, args.round_to,
-                             prune_hidden=args.prune_hidden)
+                             prune_hidden=args.prune_hidden, gqa=args.gqa)
     groups = deps.weight_groups
     costs = _node_costs(model) if args.costs else None
     if args.json:

@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.ir import Model, shape_of
 from graphprune.rules import RULES, Blocked, Couplings, RuleContext, Slot, freeze_node, mark_unscored
+from graphprune.rules_attention import CONTRIB_RULES
 from graphprune.shapes import Monomial, Product, product
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ class Dependencies:
         return tuple(g for g in self.groups if g.weights)
 
 
-def collect_couplings(model: Model) -> Couplings:
-    ctx = RuleContext(opset=model.graph.opset, graph_outputs=frozenset(t.name for t in model.graph.outputs))
+def collect_couplings(model: Model, gqa: str = "kv") -> Couplings:
+    ctx = RuleContext(opset=model.graph.opset, graph_outputs=frozenset(t.name for t in model.graph.outputs), gqa=gqa)
     out = Couplings()
     for tensor in model.graph.inputs:
         out.freeze_tensor(tensor, f"graph input '{tensor.name}'")
@@ -141,8 +142,9 @@ def collect_couplings(model: Model) -> Couplings:
     for node in model.graph.nodes:
         for name in _subgraph_reads(node) & outer.keys():
             out.freeze_tensor(outer[name], f"read inside a subgraph of {node.op} node '{node.name or '(unnamed)'}'")
-        rule = RULES.get(node.op)
-        if rule is None or (node.domain or "") not in ("", "ai.onnx"):
+        rule = RULES.get(node.op) if (node.domain or "") in ("", "ai.onnx") else \
+            CONTRIB_RULES.get(node.op) if node.domain == "com.microsoft" else None
+        if rule is None:
             freeze_node(node, ctx, out, f"no dependency rule for {node.op} (node '{node.name or '(unnamed)'}')")
             continue
         out.touched = set()
@@ -205,6 +207,8 @@ def resolve_factors(couplings: Couplings) -> None:
     - where the product already has a layout (an earlier factor of an index-for-index equal slot:
       the [batch * heads] axis a merge made, which a later Reshape splits again), the part at the
       same place in it, so a merge and its split agree;
+    - else a part that holds copies of one value (marked only for `--gqa query`: the query heads
+      that share a KV head), so those copies are the unit and every KV head stays;
     - else the first part not frozen by what is known so far (couplings other than factors,
       factors resolved before it): the batch of a merged [batch * heads] axis reaches a graph
       input, so heads are the unit there, while a [heads * head_dim] split keeps heads.
@@ -233,7 +237,9 @@ def resolve_factors(couplings: Couplings) -> None:
         placed = [i for i in range(len(factor.parts))
                   if (product(list(factor.sizes[:i])), product(list(factor.sizes[i + 1:])))
                   == layouts.get(equal.find(factor.whole))]
-        choice = placed[0] if placed else next(
+        # copies of a KV head (only marked when query-head GQA pruning is asked for)
+        copies = [i for i, part in enumerate(factor.parts) if part in couplings.repeated]
+        choice = placed[0] if placed else copies[0] if copies else next(
             (i for i, part in enumerate(factor.parts) if groups.find(part) not in frozen), 0)
         inner = factor.sizes[choice + 1:]
         outer = product(list(factor.sizes[:choice]))
@@ -333,9 +339,16 @@ def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> d
     return {slot: sorted(c) for slot, c in cuts.items()}
 
 
-def analyze(model: Model) -> Dependencies:
+#: grouped-query attention: a unit is a KV head with its query heads ("kv"), or every KV head stays
+#: and query heads go, the same ones from each group ("query")
+GQA_MODES = ("kv", "query")
+
+
+def analyze(model: Model, gqa: str = "kv") -> Dependencies:
     """Build the groups of `model` (shapes must be inferred)."""
-    couplings = collect_couplings(model)
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
+    couplings = collect_couplings(model, gqa)
     resolve_factors(couplings)
     sizes = _slot_sizes(model, couplings)
     cuts = _refine_cuts(sizes, couplings)

@@ -217,11 +217,40 @@ def _working_directory(folder: str) -> Iterator[None]:
         os.chdir(before)
 
 
+#: ONNX ops (opset 23) that share their name with a com.microsoft op ONNX Runtime's symbolic
+#: inference knows: it would read them with the contrib op's inputs and give up
+ONNX_NAMESAKES = frozenset({"Attention", "RotaryEmbedding"})
+
+
 def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
     """ONNX Runtime's symbolic shape inference: it follows Shape -> Gather -> Concat chains and
     keeps dims symbolic (`batch*seq`) where ONNX's own inference gives up. None when it cannot
     handle the graph (unknown ops, custom domains): ONNX's inference is the fallback."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from onnxruntime.tools import symbolic_shape_infer as ort_symbolic
+
+    class Inference(ort_symbolic.SymbolicShapeInference):
+        """Default-domain namesakes of contrib ops get ONNX's inference of that one node."""
+
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            for op in ONNX_NAMESAKES:
+                contrib = self.dispatcher_.get(op)
+                if contrib is not None:
+                    self.dispatcher_[op] = lambda node, contrib=contrib: (
+                        None if node.domain in ("", "ai.onnx") else contrib(node))
+
+        def _onnx_infer_single_node(self, node) -> None:
+            if node.op_type not in ONNX_NAMESAKES or node.domain not in ("", "ai.onnx"):
+                return super()._onnx_infer_single_node(node)
+            self.tmp_mp_.graph.CopyFrom(onnx.helper.make_graph(
+                [node], "tmp", [self.known_vi_[i] for i in node.input if i],
+                [ort_symbolic.make_named_value_info(o) for o in node.output]))
+            self.tmp_mp_ = onnx.shape_inference.infer_shapes(self.tmp_mp_)
+            for index, name in enumerate(node.output):
+                if name:
+                    info = self.out_mp_.graph.value_info.add()
+                    info.CopyFrom(self.tmp_mp_.graph.output[index])
+                    self.known_vi_[name] = info
 
     quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
     level = quiet.level
@@ -230,7 +259,13 @@ def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
         # where it cannot finish, it saves its partial model as sym_shape_infer_temp.onnx in the
         # working directory: that must not land in the user's folder
         with tempfile.TemporaryDirectory(prefix="graphprune-shapes-") as folder, _working_directory(folder):
-            return SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+            inference = Inference(2**31 - 1, True, False, 0)
+            inference._preprocess(skeleton)
+            complete = False
+            while inference.run_:
+                complete = inference._infer_impl()
+            inference._update_output_from_vi()
+            return inference.out_mp_ if complete else None
     except Exception:  # it raises bare Exceptions and assertion errors on graphs it does not know
         return None
     finally:

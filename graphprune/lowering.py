@@ -157,6 +157,97 @@ def onnx_layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5, stash_type=1):
     return y if bias is None else y + bias
 
 
+def onnx_rms_norm(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
+    axes = list(range(axis % x.dim(), x.dim()))
+    return x * torch.rsqrt(x.square().mean(dim=axes, keepdim=True) + epsilon) * scale
+
+
+def onnx_attention(q, k, v, mask=None, past_key=None, past_value=None, nonpad_kv_seqlen=None, is_causal=0,
+                   q_num_heads=None, kv_num_heads=None, qk_matmul_output_mode=0, scale=None, softcap=0.0,
+                   softmax_precision=None):
+    """ONNX Attention (opset 23): 3-D inputs are split into heads by the attributes; KV heads are
+    repeated for grouped-query attention. Returns (Y, present_key, present_value, qk_output)."""
+    three_d = q.dim() == 3
+    if three_d:
+        batch, seq = q.shape[0], q.shape[1]
+        q = q.reshape(batch, seq, q_num_heads, -1).transpose(1, 2)
+        k = k.reshape(batch, k.shape[1], kv_num_heads, -1).transpose(1, 2)
+        v = v.reshape(batch, v.shape[1], kv_num_heads, -1).transpose(1, 2)
+    if past_key is not None:
+        k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    present_key, present_value = k, v
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    stages = [scores]
+    if is_causal:
+        q_len, kv_len = scores.shape[-2], scores.shape[-1]
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    stages.append(scores)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    stages.append(scores)
+    probs = torch.softmax(scores, dim=-1)
+    stages.append(probs)
+    y = torch.matmul(probs, v)
+    if three_d:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    return y, present_key, present_value, stages[qk_matmul_output_mode]
+
+
+def onnx_rotary_embedding(x, cos, sin, position_ids=None, interleaved=0, num_heads=0, rotary_embedding_dim=0):
+    """ONNX RotaryEmbedding (opset 23) on [batch, heads, seq, head_dim] or [batch, seq, hidden]."""
+    three_d = x.dim() == 3
+    if three_d:
+        batch, seq = x.shape[0], x.shape[1]
+        x = x.reshape(batch, seq, num_heads, -1).transpose(1, 2)
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [batch, 1, seq, rotary_dim / 2]
+    rotary = rotary_embedding_dim or x.shape[-1]
+    rotated, passed = x[..., :rotary], x[..., rotary:]
+    if interleaved:
+        first, second = rotated[..., 0::2], rotated[..., 1::2]
+    else:
+        first, second = rotated.chunk(2, dim=-1)
+    a, b = first * cos - second * sin, second * cos + first * sin
+    rotated = torch.stack([a, b], dim=-1).flatten(-2) if interleaved else torch.cat([a, b], dim=-1)
+    y = torch.cat([rotated, passed], dim=-1)
+    return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1) if three_d else y
+
+
+def ms_skip_layer_norm(x, skip, gamma, beta=None, bias=None, epsilon=1e-12, simplified=False):
+    """com.microsoft SkipLayerNormalization (and the simplified, RMS one): (norm(x + skip + bias),
+    mean, inv_std, x + skip + bias)."""
+    total = x + skip if bias is None else x + skip + bias
+    mean = total.mean(dim=-1, keepdim=True)
+    centred = total if simplified else total - mean
+    inv_std = torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + epsilon)
+    y = centred * inv_std * gamma
+    return (y if beta is None else y + beta), mean, inv_std, total
+
+
+def ms_skip_simplified_layer_norm(x, skip, gamma, bias=None, epsilon=1e-12):
+    return ms_skip_layer_norm(x, skip, gamma, None, bias, epsilon, simplified=True)
+
+
+def ms_bias_gelu(x, bias=None, approximate="none"):
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def ms_fast_gelu(x, bias=None):
+    return ms_bias_gelu(x, bias, approximate="tanh")
+
+
+def ms_quick_gelu(x, alpha=1.702):
+    return x * torch.sigmoid(alpha * x)
+
+
 def onnx_instance_norm(x, scale, bias, epsilon=1e-5):
     return F.instance_norm(x, weight=scale, bias=bias, eps=epsilon)
 
@@ -556,6 +647,7 @@ LOWERINGS: dict[str, Callable] = {
     "Max": onnx_variadic, "Min": onnx_variadic, "Sum": onnx_variadic, "Mean": onnx_variadic,
     "Gemm": onnx_gemm, "MatMul": onnx_matmul, "BatchNormalization": onnx_batch_norm,
     "LayerNormalization": onnx_layer_norm, "InstanceNormalization": onnx_instance_norm,
+    "RMSNormalization": onnx_rms_norm, "Attention": onnx_attention, "RotaryEmbedding": onnx_rotary_embedding,
     "GroupNormalization": onnx_group_norm, "Softmax": onnx_softmax, "LogSoftmax": onnx_log_softmax,
     "Concat": onnx_concat, "Split": onnx_split, "Slice": onnx_slice, "Transpose": onnx_transpose,
     "Unsqueeze": onnx_unsqueeze, "Squeeze": onnx_squeeze, "Flatten": onnx_flatten, "Reshape": onnx_reshape,
@@ -571,8 +663,15 @@ LOWERINGS: dict[str, Callable] = {
 }
 
 
+#: com.microsoft ops (what ONNX Runtime's transformer optimizer fuses) -> lowering function
+CONTRIB_LOWERINGS: dict[str, Callable] = {
+    "SkipLayerNormalization": ms_skip_layer_norm, "SkipSimplifiedLayerNormalization": ms_skip_simplified_layer_norm,
+    "BiasGelu": ms_bias_gelu, "FastGelu": ms_fast_gelu, "Gelu": ms_bias_gelu, "QuickGelu": ms_quick_gelu,
+}
+
 #: ops whose lowering returns a tuple, one entry per ONNX output
-MULTI_OUTPUT = frozenset({"Split", "MaxPool"})
+MULTI_OUTPUT = frozenset({"Split", "MaxPool", "Attention", "SkipLayerNormalization",
+                          "SkipSimplifiedLayerNormalization"})
 
 
 def _attributes(node: gs.Node, opset: int) -> dict:
@@ -636,8 +735,9 @@ def lower(model: Model) -> fx.GraphModule:
             env[tensor.name] = graph.placeholder(_identifier(tensor.name))
     opset = model.graph.opset
     for node in model.graph.nodes:
-        fn = LOWERINGS.get(node.op)
-        if fn is None or (node.domain or "") not in ("", "ai.onnx"):
+        fn = LOWERINGS.get(node.op) if (node.domain or "") in ("", "ai.onnx") else \
+            CONTRIB_LOWERINGS.get(node.op) if node.domain == "com.microsoft" else None
+        if fn is None:
             raise LoweringError(f"cannot lower {node.op} (node '{node.name or '(unnamed)'}'): no lowering rule")
         args, kwargs = [], _attributes(node, opset)
         keywords = _keyword_inputs(node.op)

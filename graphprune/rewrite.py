@@ -21,6 +21,7 @@ from graphprune.deps import Dependencies, segment_elements
 from graphprune.ir import Model, shape_of
 from graphprune.plan import Plan
 from graphprune.rules import Slot, slice_start
+from graphprune.rules_attention import head_slots
 from graphprune.rules_conv import group_slot
 from graphprune.shapes import Lit, Scaled, shape_value
 from graphprune.weights import replacement
@@ -213,6 +214,32 @@ def fix_group_norm(node: gs.Node, ctx: RewriteContext) -> None:
         node.attrs["num_groups"] = len(kept)
 
 
+def fix_attention(node: gs.Node, ctx: RewriteContext) -> None:
+    """3-D Attention: `q_num_heads` and `kv_num_heads` become the heads kept."""
+    for slot, attribute in zip(head_slots(node), ("q_num_heads", "kv_num_heads"), strict=True):
+        kept = ctx.kept.get(slot)
+        if kept is not None and attribute in node.attrs:
+            node.attrs[attribute] = len(kept)
+
+
+def fix_rotary_embedding(node: gs.Node, ctx: RewriteContext) -> None:
+    """`num_heads` follows the heads kept (the heads axis of a 4-D input, the factor of a 3-D one)."""
+    x = node.inputs[0]
+    if "num_heads" not in node.attrs or x.shape is None:
+        return
+    if len(x.shape) == 4:
+        kept = ctx.kept_of(x, 1)
+        heads = None if kept is None else len(kept)
+    else:
+        kept = ctx.kept.get((f"{node.outputs[0].name}#heads", 0))
+        heads = None if kept is None else len(kept)
+    ratio = ctx.ratio_of((x.name, 1)) if len(x.shape) == 4 else None
+    if heads is None and ratio is not None and ratio != 1:
+        heads = int(node.attrs["num_heads"] * ratio)
+    if heads is not None:
+        node.attrs["num_heads"] = heads
+
+
 #: op type -> function that updates the op's size-carrying constants/attributes after slicing.
 FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Split": fix_split,
@@ -223,6 +250,8 @@ FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Expand": fix_target,
     "Resize": fix_resize,
     "GroupNormalization": fix_group_norm,
+    "Attention": fix_attention,
+    "RotaryEmbedding": fix_rotary_embedding,
 }
 
 

@@ -101,6 +101,9 @@ class Couplings:
     unscored: set[Slot] = field(default_factory=set)
     #: slots the rule of the current node said something about (the rest is frozen after it)
     touched: set[Slot] = field(default_factory=set)
+    #: axes that hold copies of one value (an Expand from size 1: the query heads that share a KV
+    #: head); where a factor has such a part and query-head GQA pruning is asked for, it is the unit
+    repeated: set[Slot] = field(default_factory=set)
 
     def couple(self, a: Slot, b: Slot) -> None:
         self.same.append(Same(a, b))
@@ -137,9 +140,12 @@ class Couplings:
 class RuleContext:
     """Shape and constant queries the rules need (shapes must be inferred beforehand)."""
 
-    def __init__(self, opset: int = 20, graph_outputs: frozenset[str] = frozenset()) -> None:
+    def __init__(self, opset: int = 20, graph_outputs: frozenset[str] = frozenset(), gqa: str = "kv") -> None:
         self.opset = opset
         self.graph_outputs = graph_outputs
+        #: grouped-query attention units: "kv" (a KV head with its query heads) or "query" (every
+        #: KV head stays; query heads go, as many from each group)
+        self.gqa = gqa
 
     def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
         return shape_of(tensor)
@@ -537,8 +543,10 @@ RULES: dict[str, Rule] = {
 }
 
 # the convolution and axis-regrouping rows live in their own modules (they import the helpers above)
+from graphprune.rules_attention import ATTENTION_RULES  # noqa: E402
 from graphprune.rules_conv import CONV_RULES  # noqa: E402
 from graphprune.rules_shape import SHAPE_RULES  # noqa: E402
 
 RULES.update(CONV_RULES)
 RULES.update(SHAPE_RULES)
+RULES.update(ATTENTION_RULES)

@@ -1,11 +1,13 @@
 """Dependency rules that regroup axes: Flatten, Reshape and Expand.
 
-Axes are matched as products of factors. A run of input axes merged into one output axis makes
-its first non-1 axis a *coarse* slot whose unit is `block` consecutive output elements (a
-channel flattened with its H*W positions); one input axis split into several makes the first
-non-1 output axis the coarse one. The other axes of a merge or split are frozen: removing part of
-them would not leave whole units. Literal sizes of Reshape/Expand targets, constant or computed
-by Shape -> Concat chains (`graphprune.shapes`), are recomputed by the rewrite.
+Axes are matched as products of factors (`match_axes`; symbolic dims such as `batch*seq` too).
+A run of axes merged into one axis, or one axis split into several, is a `Factor` relation: the
+product is made of its parts, outermost first. A run that both merges and splits ([batch, E] ->
+[batch*heads, head_dim]) is first cut into the common factors of both sides (`common_factors`),
+with a virtual slot for a factor no single axis holds. Which part's units the product follows is
+decided over the whole graph (`deps.resolve_factors`); the other parts are frozen there. Literal
+sizes of Reshape/Expand targets, constant or computed by Shape -> Concat chains
+(`graphprune.shapes`), are recomputed by the rewrite.
 """
 
 from __future__ import annotations
@@ -276,6 +278,10 @@ def expand(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
             reason = f"{_where(node)}: cannot tell how axis {axis} of '{x.name}' expands"
             out.freeze((x.name, axis), reason)
             out.freeze((y.name, axis + lead), reason)
+        elif ctx.gqa == "query" and isinstance(out_shape[axis + lead], int):
+            # copies of one slice (repeat_kv): shrinking their count is a literal change
+            out.repeated.add((y.name, axis + lead))
+            out.touched.add((y.name, axis + lead))
 
 
 SHAPE_RULES: dict[str, Rule] = {

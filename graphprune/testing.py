@@ -41,7 +41,8 @@ def model_from_text(text: str, seed: int = 0) -> Model:
     return Model.from_onnx(proto)
 
 
-def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int]], seed: int = 2) -> int:
+def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int]], seed: int = 2,
+                            gqa: str = "kv") -> int:
     """The dead-unit oracle: zero the units `choose_dead(group)` picks in every exact prunable group
     (in all weights that score them), prune with `threshold=0` and assert that exactly those units
     left every member and the ORT outputs did not change. Returns the parameters removed.
@@ -56,7 +57,7 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
 
     unshare_constants(model)
     model.infer_shapes()
-    deps = analyze(model)
+    deps = analyze(model, gqa)
     dead = {g.id: choose_dead(g) for g in deps.prunable if g.exact}
     consts = model.constants()
     for group in deps.prunable:
@@ -75,7 +76,7 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
     proto = model.to_onnx()
     feeds = runtime.sample_inputs(proto, seed=seed)
     before = runtime.run(proto, feeds)
-    report = api.prune(model, "deps,importance,prune{threshold=0},verify")
+    report = api.prune(model, f"deps{{gqa={gqa}}},importance,prune{{threshold=0}},verify")
     after = runtime.run(model.to_onnx(), feeds)
     assert report.verified, "pruned model does not verify"
     assert report.params_after == expected, f"params {report.params_after} != expected {expected}"

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 from graphprune.deps import Dependencies, analyze
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
+
+
+@dataclass(frozen=True)
+class DepsOptions:
+    gqa: Literal["kv", "query"] = "kv"
 
 
 @register
@@ -12,12 +20,15 @@ class AnalyzeDepsPass(AnalysisPass):
     """Group every (tensor, axis) slot with the slots that must lose the same units.
 
     Reads: the graph with inferred shapes. Changes/Preserves: nothing (analysis). Result: `Dependencies` (groups with
-    members, kind, unit count, frozen reasons). Options: none. See graphprune.deps and the rule
-    table in graphprune.rules.
+    members, kind, unit count, frozen reasons). Options: gqa = kv (grouped-query attention loses
+    whole KV heads, each with its query heads) | query (every KV head stays; each KV head loses the
+    same query heads, so a 9-query / 3-KV-head model can go to 6 query heads). See graphprune.deps
+    and the rule table in graphprune.rules.
     """
 
     name = "analyze-deps"
     aliases = ("deps",)
+    Options = DepsOptions
 
     def run(self, model: Model, am: AnalysisManager) -> Dependencies:
-        return analyze(model)
+        return analyze(model, self.options.gqa)

@@ -243,3 +243,112 @@ def test_lowered_minilm_matches_onnx_runtime_and_trains_back(minilm_paths, expor
 @pytest.mark.parametrize("name", sorted(HEADED_BUILDERS))
 def test_lowered_headed_models_match_onnx_runtime(headed_paths, name: str, exporter: str) -> None:
     check_lowering(graphprune.load_model(headed_paths[(name, exporter)]))
+
+
+#: models exported at opset 23, where dynamo writes SDPA as the ONNX Attention op (and rotary
+#: embeddings as RotaryEmbedding, RMSNorm as RMSNormalization). LLaMA and Qwen2 are exported for
+#: batch 1: ONNX Runtime's RotaryEmbedding wants the cos/sin caches' batch to match the input's,
+#: and the exporter writes caches of batch 1.
+OPSET23 = {"bert": 2, "gpt2": 2, "vit": 2, "llama": 1, "qwen2": 1}
+
+
+@pytest.fixture(scope="session")
+def opset23_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("opset23")
+    paths = {}
+    for name, batch in OPSET23.items():
+        net = ATTENTION_BUILDERS[name](attention="default")
+        model = graphprune.from_torch(net, net.example_inputs(batch), input_names=net.input_names, opset=23,
+                                      dynamic_axes=net.dynamic_axes if batch > 1 else None)
+        paths[name] = graphprune.save_model(model, folder / f"{name}-opset23.onnx")
+    return paths
+
+
+@pytest.mark.parametrize("name", sorted(OPSET23))
+def test_onnx_attention_op_heads_prune(opset23_paths, tmp_path, name: str) -> None:
+    path = opset23_paths[name]
+    model = graphprune.load_model(path)
+    assert sum(n.op == "Attention" for n in model.graph.nodes) == 2
+    report = _prune_cli(path, tmp_path, "--ratio", "0.5")
+    heads = [(g["units_before"], g["units_after"]) for g in report["groups"] if g["kind"] == "head"]
+    assert len(heads) == 2 and all(after == before // 2 for before, after in heads), heads
+    assert check_dead_unit_removal(graphprune.load_model(path),
+                                   lambda g: {g.units - 1} if g.kind == "head" else set(range(0, g.units, 4))) > 0
+    check_lowering(graphprune.load_model(path))
+
+
+@pytest.mark.parametrize(("name", "attention", "variant"), [("llama", "default", "dynamo-dynamic"),
+                                                            ("qwen2", "eager", "torchscript-dynamic"),
+                                                            ("llama", "default", "dynamo-static")])
+def test_gqa_query_heads_keep_every_kv_head(attention_paths, tmp_path, name: str, attention: str,
+                                            variant: str) -> None:
+    """--gqa query: each of the 2 KV heads keeps 1 of its 2 query heads; K and V projections keep
+    every row, Q and the output projection lose half of theirs."""
+    path = attention_paths[(name, attention, variant)]
+    report = _prune_cli(path, tmp_path, "--ratio", "0.5", "--gqa", "query")
+    pruned = [(g["units_before"], g["units_after"]) for g in report["groups"]
+              if g["kind"] == "head" and g["units_after"] < g["units_before"]]
+    assert pruned == [(2, 1), (2, 1)]  # one group of query heads per layer
+
+    def projections(file: Path) -> list[tuple[int, ...]]:
+        return sorted(t.values.shape for t in graphprune.load_model(file).weights() if t.values.ndim == 2)
+
+    before, after = projections(path), projections(tmp_path / "p.onnx")
+    # per layer: Q [64, 64] -> [64, 32], K and V [64, 32] stay, O [64, 64] -> [32, 64]
+    assert before.count((64, 32)) == 4 and before.count((32, 64)) == 0
+    assert after.count((64, 32)) == 4 + 2 and after.count((32, 64)) == 2
+    model = graphprune.load_model(path)
+    assert check_dead_unit_removal(model, lambda g: {0} if g.kind == "head" else set(), gqa="query") > 0
+
+
+def test_gqa_query_heads_on_the_onnx_attention_op() -> None:
+    """The ONNX Attention op with 4 query heads on 2 KV heads (golden case): --gqa query keeps both
+    KV heads and one query head of each, and dead query heads go exactly."""
+    from graphprune.testing import model_from_text
+
+    text = (Path(__file__).parent / "golden" / "onnx_attention_gqa.onnx.txt").read_text()
+    deps = api.inspect(model_from_text(text), gqa="query")
+    assert [(g.kind, g.units) for g in deps.prunable] == [("head", 2)]
+    model = model_from_text(text)
+    report = graphprune.prune(model, ratio=0.5, gqa="query")
+    assert report.verified
+    shapes = {t.name: t.values.shape for t in model.weights()}
+    assert shapes["wq"] == (8, 8) and shapes["wk"] == (8, 8) and shapes["wv"] == (8, 8) and shapes["wo"] == (8, 8)
+    # a dead query head in each KV group: 4 columns of wq and 4 rows of wo, 8 wide, twice
+    assert check_dead_unit_removal(model_from_text(text), lambda g: {1}, gqa="query") == 2 * 4 * (8 + 8)
+
+
+def test_an_ort_fused_default_attention_bert_prunes_like_the_unfused_one(attention_paths, tmp_path) -> None:
+    """onnxruntime.transformers.optimizer on a default-attention (SDPA) BERT fuses
+    SkipLayerNormalization and BiasGelu (com.microsoft); pruning the fused graph cuts the heads and
+    neurons of every layer and gives what pruning the unfused graph and then fusing gives."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+
+    def fuse(path: Path, out: Path) -> Path:
+        optimized = optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=64, opt_level=0)
+        assert optimized.get_fused_operator_statistics()["SkipLayerNormalization"] == 4
+        optimized.save_model_to_file(str(out))
+        return out
+
+    dense = attention_paths[("bert", "default", "dynamo-dynamic")]
+    fused = fuse(dense, tmp_path / "fused.onnx")
+    assert any(n.domain == "com.microsoft" for n in graphprune.load_model(fused).graph.nodes)
+    report = _prune_cli(fused, tmp_path, "--ratio", "0.5")
+    cut = [(g["kind"], g["units_before"], g["units_after"]) for g in report["groups"] if g["units_after"] is not None
+           and g["units_after"] < g["units_before"]]
+    assert sorted(cut) == [("head", 4, 2)] * 2 + [("neuron", 128, 64)] * 2
+    pruned_fused = tmp_path / "p.onnx"
+    unfused = tmp_path / "unfused.onnx"
+    assert main(["prune", str(dense), "-o", str(unfused), "--ratio", "0.5"]) == 0
+    then_fused = fuse(unfused, tmp_path / "then-fused.onnx")
+    proto = graphprune.load_model(dense).to_onnx()
+    feeds = runtime.sample_inputs(proto, dynamic_dim=5)
+    a, = runtime.run(graphprune.load_model(pruned_fused).to_onnx(), feeds)
+    b, = runtime.run(graphprune.load_model(then_fused).to_onnx(), feeds)
+    assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b))
+    check_lowering(graphprune.load_model(fused))
+    assert check_dead_unit_removal(graphprune.load_model(fused), lambda g: {1} if g.kind == "head" else {0, 5}) > 0

@@ -36,7 +36,7 @@ def test_parse_pipeline_with_options_and_aliases() -> None:
     ("prune{ratio=0.5", "unbalanced '{'"),
     ("prune{bogus=1}", "pass 'prune-units' has no option 'bogus' (options: ratio, threshold, round_to, round_mode, hidden, allocation, max_group_ratio, head_ratio, neuron_ratio, channel_ratio, target_params, target_flops, target_latency, latency_runs)"),
     ("prune{round_to=2.5}", "'2.5' is not a valid int"),
-    ("deps{x=1}", "has no option 'x' (options: none)"),
+    ("deps{x=1}", "has no option 'x' (options: gqa)"),
 ])
 def test_pipeline_errors_are_clear(text: str, message: str) -> None:
     with pytest.raises(PipelineError, match=None) as info:
