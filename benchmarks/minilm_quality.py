@@ -4,11 +4,14 @@
     pip install -c constraints.txt -e '.[bench]'
     python benchmarks/minilm_quality.py [--ratios 0.5,0.25] [--calib 512] [--eval 256]
         [--kinds l2,activation,taylor,fisher,obs] [--distill-samples 1024] [--distill-epochs 6]
-        [--distill-lr 5e-4]
+        [--distill-lr 5e-4] [--attention eager|default]
         [--out benchmarks/results/minilm_quality.json]
 
 Calibration: the first `--calib` sentences of Python's bundled documentation; evaluation: the last
-`--eval` sentences (never used for calibration or training). Per variant: mean cosine between the
+`--eval` sentences (never used for calibration or training) and, from a different source, the first
+`--eval` sentences of `other_sentences()` (scikit-learn's data-set descriptions and the system's
+licence texts). `--attention default` exports the model as `AutoModel.from_pretrained` gives it
+(SDPA) instead of eager attention. Per variant: mean cosine between the
 pruned and the dense sentence embeddings, and top-5 nearest-neighbour agreement (for each
 evaluation sentence, the share of its 5 nearest neighbours under the dense embeddings that are also
 among its 5 nearest under the pruned ones). Every kind runs with and without `--reconstruct`; then
@@ -35,6 +38,7 @@ from graphprune.models.minilm import (
     export,
     load_encoder,
     mean_cosine,
+    other_sentences,
     tokenize,
 )
 
@@ -50,28 +54,34 @@ def top5_agreement(pruned: np.ndarray, dense: np.ndarray, k: int = 5) -> float:
 
 
 class Bench:
-    def __init__(self, calib_count: int, eval_count: int, distill_count: int, seq: int, folder: Path) -> None:
+    def __init__(self, calib_count: int, eval_count: int, distill_count: int, seq: int, folder: Path,
+                 attention: str = "eager") -> None:
         sentences = english_sentences()
         if max(calib_count, distill_count) + eval_count > len(sentences):
             raise SystemExit(f"only {len(sentences)} sentences: calibration/distillation and evaluation would overlap")
         self.calib = tokenize(list(sentences[:calib_count]), seq)
         self.train = tokenize(list(sentences[:distill_count]), seq)
         self.held_out = tokenize(list(sentences[-eval_count:]), seq)
+        self.other = tokenize(list(other_sentences()[:eval_count]), seq)
         self.folder = folder
-        self.encoder = load_encoder()
+        self.encoder = load_encoder(attention)
         self.dense_path = graphprune.save_model(export(self.encoder, self.calib), folder / "dense.onnx")
         self.reference = embed_onnx(self.dense_path, self.held_out)
+        self.other_reference = embed_onnx(self.dense_path, self.other)
         self.rows: list[dict] = []
 
     def score(self, model, row: dict) -> dict:
         path = graphprune.save_model(model, self.folder / "variant.onnx")
-        embedded = embed_onnx(path, self.held_out)
+        embedded, other = embed_onnx(path, self.held_out), embed_onnx(path, self.other)
         row = dict(row, params=model.param_count(), cosine=round(mean_cosine(embedded, self.reference), 4),
-                   top5=round(top5_agreement(embedded, self.reference), 4))
+                   top5=round(top5_agreement(embedded, self.reference), 4),
+                   cosine_other=round(mean_cosine(other, self.other_reference), 4),
+                   top5_other=round(top5_agreement(other, self.other_reference), 4))
         self.rows.append(row)
         print(f"{row['ratio']:.0%} {row['tool']:13s} {row['importance']:9s} reconstruct={str(row['reconstruct']):5s} "
               f"distill={str(row['distill']):5s} cosine {row['cosine']:.3f} top-5 {row['top5']:.3f} "
-              f"({row['seconds']:.0f}s)", flush=True)
+              f"other: cosine {row['cosine_other']:.3f} top-5 {row['top5_other']:.3f} ({row['seconds']:.0f}s)",
+              flush=True)
         return row
 
     def graphprune(self, ratio: float, kind: str, reconstruct: bool):
@@ -115,12 +125,13 @@ def run(bench: Bench, ratios: list[float], kinds: list[str], epochs: int, lr: fl
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| removed | tool | importance | reconstruct | distill | params | cosine | top-5 | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| removed | tool | importance | reconstruct | distill | params | cosine | top-5 | cosine (other) "
+             "| top-5 (other) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['ratio']:.0%} | {r['tool']} | {r['importance']} | {'yes' if r['reconstruct'] else '-'} | "
                      f"{'yes' if r['distill'] else '-'} | {r['params'] / 1e6:.2f}M | {r['cosine']:.3f} | "
-                     f"{r['top5']:.3f} | {r['seconds']:.0f} |")
+                     f"{r['top5']:.3f} | {r['cosine_other']:.3f} | {r['top5_other']:.3f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -134,11 +145,13 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=6, help="0: no distillation rows")
     parser.add_argument("--distill-lr", type=float, default=5e-4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--attention", choices=("eager", "default"), default="eager",
+                        help="the encoder's attention: eager, or transformers' default (SDPA)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/minilm_quality.json"))
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        bench = Bench(args.calib, args.eval, args.distill_samples, args.seq, Path(folder))
+        bench = Bench(args.calib, args.eval, args.distill_samples, args.seq, Path(folder), args.attention)
         run(bench, [float(r) for r in args.ratios.split(",")], args.kinds.split(","), args.distill_epochs,
             args.distill_lr)
     args.out.parent.mkdir(parents=True, exist_ok=True)

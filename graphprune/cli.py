@@ -398,7 +398,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for column in ("id", "kind", "units", "kept", "weights", "members", "status"):
         table.add_column(column)
     for g in groups:
-        weights = ", ".join(f"{m.tensor}[{m.axis}]" for m in g.weights[:3]) + (" …" if len(g.weights) > 3 else "")
+        axes = list(dict.fromkeys(f"{m.tensor}[{m.axis}]" for m in g.weights))  # packed Q|K|V: 3 segments, 1 axis
+        weights = ", ".join(axes[:3]) + (" …" if len(axes) > 3 else "")
         members = "\n".join(f"{m.tensor}[{m.axis}]" for m in g.members) if args.members else str(len(g.members))
         status = g.status + (" (opt-in: --prune-hidden)" if g.prunable and g.kind in OPT_IN_KINDS else "")
         table.add_row(str(g.id), g.kind, str(g.units), str(kept[g.id]), weights, members, status)

@@ -59,12 +59,23 @@ def _conv_transpose_macs(node: gs.Node) -> int:
     return _numel(node.inputs[0]) * int(np.prod(w[1:], dtype=np.int64))
 
 
+def _attention_macs(node: gs.Node) -> int:
+    """com.microsoft Attention projects X [B, S, in] with its packed weight [in, Q + K + V] (the
+    score and value products, like those of ONNX Attention, are not counted: their sequence
+    lengths are symbolic)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if node.domain != "com.microsoft" or not isinstance(weight, gs.Constant) or weight.values.ndim != 2:
+        return 0
+    return _numel(node.inputs[0]) * int(weight.values.shape[1])
+
+
 #: multiply-accumulate count per op type; ops not listed cost one FLOP per output element.
 MACS: dict[str, Callable[[gs.Node], int]] = {
     "Gemm": _gemm_macs,
     "MatMul": _matmul_macs,
     "Conv": _conv_macs,
     "ConvTranspose": _conv_transpose_macs,
+    "Attention": _attention_macs,
 }
 
 #: ops that only move or relabel data.

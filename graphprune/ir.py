@@ -550,6 +550,24 @@ def model_files(path: str | os.PathLike) -> set[Path]:
     return files
 
 
+#: ops ONNX Runtime registers in the default ONNX domain although ONNX has none of that name: the
+#: onnxruntime-genai model builder writes them, and onnx.checker would refuse the model
+ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+_ORT_DOMAIN = "ai.onnxruntime.default_domain"
+
+
+def check_model(proto: onnx.ModelProto) -> None:
+    """onnx.checker on a weightless copy, with ORT's default-domain ops (ORT_DEFAULT_DOMAIN_OPS)
+    moved to a domain of their own, which the checker leaves to the runtime as it does com.microsoft."""
+    skeleton = weightless_copy(proto)
+    ort_nodes = [n for n in skeleton.graph.node if n.op_type in ORT_DEFAULT_DOMAIN_OPS and n.domain in ("", "ai.onnx")]
+    if ort_nodes:
+        for node in ort_nodes:
+            node.domain = _ORT_DOMAIN
+        skeleton.opset_import.append(onnx.helper.make_opsetid(_ORT_DOMAIN, 1))
+    onnx.checker.check_model(skeleton)
+
+
 def check_graph(proto: onnx.ModelProto, where: str = "model") -> None:
     """Refuse graphs that read undefined tensors, then run onnx.checker."""
     graph = proto.graph
@@ -565,7 +583,7 @@ def check_graph(proto: onnx.ModelProto, where: str = "model") -> None:
         if output.name not in defined:
             raise InvalidGraphError(f"{where}: graph output '{output.name}' is never produced")
     try:
-        onnx.checker.check_model(weightless_copy(proto))
+        check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise InvalidGraphError(f"{where}: ONNX checker rejected the model: {first_line(exc)}") from exc
 

@@ -208,16 +208,9 @@ def onnx_rotary_embedding(x, cos, sin, position_ids=None, interleaved=0, num_hea
         x = x.reshape(batch, seq, num_heads, -1).transpose(1, 2)
     if position_ids is not None:
         cos, sin = cos[position_ids], sin[position_ids]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [batch, 1, seq, rotary_dim / 2]
-    rotary = rotary_embedding_dim or x.shape[-1]
-    rotated, passed = x[..., :rotary], x[..., rotary:]
-    if interleaved:
-        first, second = rotated[..., 0::2], rotated[..., 1::2]
-    else:
-        first, second = rotated.chunk(2, dim=-1)
-    a, b = first * cos - second * sin, second * cos + first * sin
-    rotated = torch.stack([a, b], dim=-1).flatten(-2) if interleaved else torch.cat([a, b], dim=-1)
-    y = torch.cat([rotated, passed], dim=-1)
+    rotary = (rotary_embedding_dim or x.shape[-1]) // 2
+    # [batch, 1, seq, rotary_dim / 2]
+    y = _rotate(x, cos[..., :rotary].unsqueeze(1), sin[..., :rotary].unsqueeze(1), interleaved)
     return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1) if three_d else y
 
 
@@ -246,6 +239,157 @@ def ms_fast_gelu(x, bias=None):
 
 def ms_quick_gelu(x, alpha=1.702):
     return x * torch.sigmoid(alpha * x)
+
+
+def _heads(x, count):
+    """[batch, seq, count * dim] -> [batch, count, seq, dim]."""
+    return x.reshape(x.shape[0], x.shape[1], count, -1).transpose(1, 2)
+
+
+def _merge_heads(y):
+    """[batch, heads, seq, dim] -> [batch, seq, heads * dim]."""
+    return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+
+
+def _key_mask(mask, batch: int, kv_len: int):
+    """A com.microsoft key mask as booleans [batch, 1, 1, kv_len] (True = attend): valid lengths
+    [batch] (right padding) or 0/1 flags [batch, kv_len]."""
+    if mask.dim() == 1 and mask.shape[0] == batch:
+        return (torch.arange(kv_len, device=mask.device)[None, :] < mask[:, None].long())[:, None, None, :]
+    if mask.dim() == 2:
+        return (mask != 0)[:, None, None, :]
+    raise LoweringError(f"attention mask of shape {tuple(mask.shape)} is not supported")
+
+
+def _fused_scores(q, k, v, allowed, filter_value, scale, attention_bias=None):
+    """softmax(Q K^T * scale + bias, masked by adding `filter_value` where not `allowed`) V."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if allowed is not None:
+        scores = scores + (~allowed).to(scores.dtype) * filter_value
+    if attention_bias is not None:
+        scores = scores + attention_bias
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _causal(q_len: int, kv_len: int, device):
+    """[q_len, kv_len] booleans: query i (after kv_len - q_len past tokens) sees keys up to it."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+def ms_attention(x, weight, bias=None, mask_index=None, past=None, attention_bias=None, past_sequence_length=None,
+                 num_heads=1, qkv_hidden_sizes=None, unidirectional=0, mask_filter_value=-10000.0, scale=None,
+                 do_rotary=0, past_present_share_buffer=0, rotary_embedding_dim=0):
+    """com.microsoft Attention: packed Q|K|V projection, heads, optional past [2, B, H, P, D].
+    Returns (output, present)."""
+    if do_rotary or past_present_share_buffer:
+        raise LoweringError("Attention with do_rotary or a shared past/present buffer is not supported")
+    qkv = torch.matmul(x, weight) if bias is None else torch.matmul(x, weight) + bias
+    sizes = qkv_hidden_sizes or [weight.shape[1] // 3] * 3
+    q, k, v = (_heads(t, num_heads) for t in torch.split(qkv, list(sizes), dim=-1))
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    allowed = None
+    if mask_index is not None:
+        allowed = _key_mask(mask_index, x.shape[0], k.shape[2])
+    if unidirectional:
+        causal = _causal(q.shape[2], k.shape[2], q.device)
+        allowed = causal if allowed is None else allowed & causal
+    y = _fused_scores(q, k, v, allowed, mask_filter_value, scale, attention_bias)
+    return _merge_heads(y), torch.stack([k, v])
+
+
+def ms_multi_head_attention(query, key=None, value=None, bias=None, key_padding_mask=None, attention_bias=None,
+                            past_key=None, past_value=None, past_sequence_length=None, cache_indirection=None,
+                            num_heads=1, mask_filter_value=-10000.0, scale=None, unidirectional=0):
+    """com.microsoft MultiHeadAttention with separate query/key/value ([B, S, hidden], or key and
+    value already [B, H, L, D]), packed bias, past/present key and value. Returns (output,
+    present_key, present_value)."""
+    if key is None or value is None or query.dim() != 3 or cache_indirection is not None:
+        raise LoweringError("MultiHeadAttention with packed query/key/value is not supported")
+    if bias is not None:
+        q_size, k_size = query.shape[-1], key.shape[-1]
+        query = query + bias[:q_size]
+        key, value = key + bias[q_size:q_size + k_size], value + bias[q_size + k_size:]
+    q = _heads(query, num_heads)
+    k, v = (_heads(t, num_heads) if t.dim() == 3 else t for t in (key, value))
+    if past_key is not None:
+        k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    allowed = None if key_padding_mask is None else _key_mask(key_padding_mask, q.shape[0], k.shape[2])
+    if unidirectional:
+        causal = _causal(q.shape[2], k.shape[2], q.device)
+        allowed = causal if allowed is None else allowed & causal
+    y = _fused_scores(q, k, v, allowed, mask_filter_value, scale, attention_bias)
+    return _merge_heads(y), k, v
+
+
+def _rotate(x, cos, sin, interleaved: int):
+    """Rotary embedding of the first 2 * cos.shape[-1] features of [B, H, S, D] (cos: [S, D'/2])."""
+    rotary = 2 * cos.shape[-1]
+    rotated, passed = x[..., :rotary], x[..., rotary:]
+    if interleaved:
+        first, second = rotated[..., 0::2], rotated[..., 1::2]
+    else:
+        first, second = rotated.chunk(2, dim=-1)
+    a, b = first * cos - second * sin, second * cos + first * sin
+    rotated = torch.stack([a, b], dim=-1).flatten(-2) if interleaved else torch.cat([a, b], dim=-1)
+    return torch.cat([rotated, passed], dim=-1)
+
+
+def ms_group_query_attention(query, key=None, value=None, past_key=None, past_value=None, seqlens_k=None,
+                             total_sequence_length=None, cos_cache=None, sin_cache=None, position_ids=None,
+                             attention_bias=None, head_sink=None, num_heads=1, kv_num_heads=1, scale=None,
+                             do_rotary=0, rotary_interleaved=0, local_window_size=-1, softcap=0.0,
+                             smooth_softmax=0, qk_output=0):
+    """com.microsoft GroupQueryAttention, for batches whose sequences all have the past length of
+    the cache (no padding inside the past): packed or separate Q/K/V, rotary, causal attention up
+    to `seqlens_k + 1` keys. Returns (output, present_key, present_value)."""
+    if head_sink is not None or smooth_softmax or softcap or qk_output:
+        raise LoweringError("GroupQueryAttention with head_sink, smooth_softmax, softcap or qk output is not supported")
+    if key is None:
+        width = query.shape[-1] * num_heads // (num_heads + 2 * kv_num_heads)
+        kv_width = width // num_heads * kv_num_heads
+        query, key, value = torch.split(query, [width, kv_width, kv_width], dim=-1)
+    q, k, v = _heads(query, num_heads), _heads(key, kv_num_heads), _heads(value, kv_num_heads)
+    past = 0 if past_key is None else past_key.shape[2]
+    seq = q.shape[2]
+    if do_rotary:
+        positions = position_ids if position_ids is not None else \
+            (past + torch.arange(seq, device=q.device))[None].expand(q.shape[0], seq)
+        cos, sin = cos_cache[positions][:, None], sin_cache[positions][:, None]
+        q, k = _rotate(q, cos, sin, rotary_interleaved), _rotate(k, cos, sin, rotary_interleaved)
+    if past_key is not None:
+        k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    present_key, present_value = k, v
+    repeat = num_heads // kv_num_heads
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    kv_len = k.shape[2]
+    position = torch.arange(seq, device=q.device)[:, None] + (kv_len - seq)
+    key = torch.arange(kv_len, device=q.device)[None, :]
+    allowed = key <= position
+    if local_window_size is not None and local_window_size >= 0:
+        allowed = allowed & (key > position - local_window_size)
+    allowed = allowed[None, None]
+    if seqlens_k is not None:
+        valid = torch.arange(kv_len, device=q.device)[None, :] <= seqlens_k[:, None].long()
+        allowed = allowed & valid[:, None, None, :]
+    y = _fused_scores(q, k, v, allowed, torch.finfo(q.dtype).min, scale, attention_bias)
+    return _merge_heads(y), present_key, present_value
+
+
+def ms_embed_layer_norm(input_ids, segment_ids, word_embedding, position_embedding, segment_embedding=None,
+                        gamma=None, beta=None, mask=None, position_ids=None, epsilon=1e-12, mask_index_type=1):
+    """com.microsoft EmbedLayerNormalization: (LayerNorm(word[ids] + position[pos] + segment[seg]),
+    mask_index (valid tokens per row), the sum before the norm)."""
+    seq = input_ids.shape[1]
+    positions = position_ids if position_ids is not None else torch.arange(seq, device=input_ids.device)[None]
+    total = word_embedding[input_ids.long()] + position_embedding[positions.long()]
+    if segment_embedding is not None and segment_ids is not None:
+        total = total + segment_embedding[segment_ids.long()]
+    y = F.layer_norm(total, total.shape[-1:], gamma, beta, epsilon)
+    mask_index = (mask != 0).sum(dim=1).to(torch.int32) if mask is not None else \
+        torch.zeros(input_ids.shape[0], dtype=torch.int32, device=input_ids.device)
+    return y, mask_index, total
 
 
 def onnx_instance_norm(x, scale, bias, epsilon=1e-5):
@@ -647,7 +791,8 @@ LOWERINGS: dict[str, Callable] = {
     "Max": onnx_variadic, "Min": onnx_variadic, "Sum": onnx_variadic, "Mean": onnx_variadic,
     "Gemm": onnx_gemm, "MatMul": onnx_matmul, "BatchNormalization": onnx_batch_norm,
     "LayerNormalization": onnx_layer_norm, "InstanceNormalization": onnx_instance_norm,
-    "RMSNormalization": onnx_rms_norm, "Attention": onnx_attention, "RotaryEmbedding": onnx_rotary_embedding,
+    "RMSNormalization": onnx_rms_norm, "SimplifiedLayerNormalization": onnx_rms_norm,
+    "Attention": onnx_attention, "RotaryEmbedding": onnx_rotary_embedding,
     "GroupNormalization": onnx_group_norm, "Softmax": onnx_softmax, "LogSoftmax": onnx_log_softmax,
     "Concat": onnx_concat, "Split": onnx_split, "Slice": onnx_slice, "Transpose": onnx_transpose,
     "Unsqueeze": onnx_unsqueeze, "Squeeze": onnx_squeeze, "Flatten": onnx_flatten, "Reshape": onnx_reshape,
@@ -667,11 +812,14 @@ LOWERINGS: dict[str, Callable] = {
 CONTRIB_LOWERINGS: dict[str, Callable] = {
     "SkipLayerNormalization": ms_skip_layer_norm, "SkipSimplifiedLayerNormalization": ms_skip_simplified_layer_norm,
     "BiasGelu": ms_bias_gelu, "FastGelu": ms_fast_gelu, "Gelu": ms_bias_gelu, "QuickGelu": ms_quick_gelu,
+    "Attention": ms_attention, "MultiHeadAttention": ms_multi_head_attention,
+    "GroupQueryAttention": ms_group_query_attention, "EmbedLayerNormalization": ms_embed_layer_norm,
 }
 
 #: ops whose lowering returns a tuple, one entry per ONNX output
 MULTI_OUTPUT = frozenset({"Split", "MaxPool", "Attention", "SkipLayerNormalization",
-                          "SkipSimplifiedLayerNormalization"})
+                          "SkipSimplifiedLayerNormalization", "MultiHeadAttention", "GroupQueryAttention",
+                          "EmbedLayerNormalization"})
 
 
 def _attributes(node: gs.Node, opset: int) -> dict:

@@ -21,7 +21,7 @@ from graphprune.deps import Dependencies, segment_elements
 from graphprune.ir import Model, shape_of
 from graphprune.plan import Plan
 from graphprune.rules import Slot, slice_start
-from graphprune.rules_attention import head_slots
+from graphprune.rules_attention import fused_head_slots, head_slots
 from graphprune.rules_conv import group_slot
 from graphprune.shapes import Lit, Scaled, shape_value
 from graphprune.weights import replacement
@@ -240,6 +240,20 @@ def fix_rotary_embedding(node: gs.Node, ctx: RewriteContext) -> None:
         node.attrs["num_heads"] = heads
 
 
+def fix_fused_attention(node: gs.Node, ctx: RewriteContext) -> None:
+    """com.microsoft Attention / MultiHeadAttention / GroupQueryAttention: `num_heads` (and
+    `kv_num_heads`) become the heads kept; Attention's `qkv_hidden_sizes` shrink with them."""
+    q_slot, kv_slot = fused_head_slots(node)
+    q_kept, kv_kept = ctx.kept.get(q_slot), ctx.kept.get(kv_slot)
+    if q_kept is not None and "num_heads" in node.attrs:
+        before = node.attrs["num_heads"]
+        node.attrs["num_heads"] = len(q_kept)
+        if "qkv_hidden_sizes" in node.attrs:
+            node.attrs["qkv_hidden_sizes"] = [size // before * len(q_kept) for size in node.attrs["qkv_hidden_sizes"]]
+    if kv_kept is not None and "kv_num_heads" in node.attrs:
+        node.attrs["kv_num_heads"] = len(kv_kept)
+
+
 #: op type -> function that updates the op's size-carrying constants/attributes after slicing.
 FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "Split": fix_split,
@@ -252,6 +266,13 @@ FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
     "GroupNormalization": fix_group_norm,
     "Attention": fix_attention,
     "RotaryEmbedding": fix_rotary_embedding,
+}
+
+#: the same for com.microsoft ops
+CONTRIB_FIXUPS: dict[str, Callable[[gs.Node, RewriteContext], None]] = {
+    "Attention": fix_fused_attention,
+    "MultiHeadAttention": fix_fused_attention,
+    "GroupQueryAttention": fix_fused_attention,
 }
 
 
@@ -308,7 +329,8 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
             tensor.values = replacement(old, np.ascontiguousarray(values))
             sliced += 1
     for node in list(model.graph.nodes):
-        fixup = FIXUPS.get(node.op)
+        fixup = FIXUPS.get(node.op) if (node.domain or "") in ("", "ai.onnx") else \
+            CONTRIB_FIXUPS.get(node.op) if node.domain == "com.microsoft" else None
         if fixup is not None:
             fixup(node, ctx)
     model.graph.toposort()  # copied shape chains were appended at the end

@@ -157,6 +157,8 @@ ATTENTION_RULES: dict[str, Rule] = {
     "Attention": attention,
     "RotaryEmbedding": rotary_embedding,
     "RMSNormalization": rms_norm,
+    # ONNX Runtime registers its RMSNorm in the default domain (the onnxruntime-genai builder writes it)
+    "SimplifiedLayerNormalization": rms_norm,
 }
 
 
@@ -193,8 +195,206 @@ def bias_activation(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         broadcast(node, ctx, out, [t for t in node.inputs if t is not None and t.name], output)
 
 
+def fused_head_slots(node: gs.Node) -> tuple[Slot, Slot]:
+    """The virtual slots of a com.microsoft attention node's query heads and KV heads (for
+    Attention and MultiHeadAttention, one and the same count)."""
+    return (f"{node.outputs[0].name}#heads", 0), (f"{node.outputs[0].name}#kv_heads", 0)
+
+
+def _packed(out: Couplings, whole: Slot, parts: list[tuple[Slot, int]]) -> None:
+    """An axis that holds `parts` end to end: packed Q | K | V projections or biases."""
+    start = 0
+    for slot, size in parts:
+        out.virtual[slot] = size
+        out.offset(slot, whole, start)
+        start += size
+
+
+def _split_heads(out: Couplings, reason: str, hidden: dict[Slot, tuple[Slot, Slot, int, int]]) -> None:
+    """Each hidden slot is [heads, head_dim]: `hidden` maps slot -> (heads, dim, count, size)."""
+    for slot, (heads, dim, count, size) in hidden.items():
+        out.virtual.setdefault(heads, count)
+        out.virtual.setdefault(dim, size)
+        out.factor(slot, [heads, dim], [count, size], reason)
+
+
+def _fused_attention(node: gs.Node, ctx: RuleContext, out: Couplings, hidden: dict[str, Slot | None],
+                     q_count: object, kv_count: object, caches: list[tuple[gs.Tensor | None, int, str]],
+                     bias: gs.Tensor | None = None) -> None:
+    """What the com.microsoft attention ops share. `hidden` gives the slots of the q/k/v/output
+    hidden axes (packed ones are virtual); they are split into heads of `q_count` / `kv_count`.
+    `caches` are (tensor, heads axis, "k" or "v"): [batch, kv_heads, seq, head_dim] tensors
+    (Attention's past is [2, batch, heads, seq, head_dim]); `bias` [batch|1, heads|1, q, kv] is
+    added to the scores."""
+    y = node.outputs[0]
+    sizes = {key: out.virtual.get(slot) if slot in out.virtual else ctx.dim(*_tensor_axis(node, slot))
+             for key, slot in hidden.items() if slot is not None}
+    if not (isinstance(q_count, int) and isinstance(kv_count, int) and q_count and kv_count
+            and all(isinstance(s, int) for s in sizes.values())
+            and sizes["q"] % q_count == 0 and sizes["k"] % kv_count == 0 and sizes["v"] % kv_count == 0
+            and sizes["q"] // q_count == sizes["k"] // kv_count and sizes["y"] % q_count == 0):
+        freeze_node(node, ctx, out, f"{_where(node)}: head counts do not divide the hidden sizes")
+        return
+    q_heads, kv_heads = fused_head_slots(node)
+    q_dim, v_dim = (f"{y.name}#head_dim", 0), (f"{y.name}#v_head_dim", 0)
+    reason = f"{_where(node)} splits this axis into heads"
+    q_size, v_size = sizes["q"] // q_count, sizes["v"] // kv_count
+    _split_heads(out, reason, {hidden["q"]: (q_heads, q_dim, q_count, q_size),
+                               hidden["k"]: (kv_heads, q_dim, kv_count, q_size),
+                               hidden["v"]: (kv_heads, v_dim, kv_count, v_size),
+                               hidden["y"]: (q_heads, v_dim, q_count, sizes["y"] // q_count)})
+    out.mark_inexact(q_dim, f"{_where(node)} contracts this axis between two activations")
+    _heads(out, ctx, node, q_heads, kv_heads, q_count, kv_count)
+    for cache, axis, part in caches:
+        if cache is not None:
+            out.couple((node.inputs[0].name, 0), (cache.name, axis - 1))
+            out.couple(kv_heads, (cache.name, axis))
+            out.couple(q_dim if part == "k" else v_dim, (cache.name, axis + 2))
+    if bias is not None and ctx.rank(bias) == 4 and ctx.dim(bias, 1) != 1:
+        if ctx.dim(bias, 1) == q_count:
+            out.couple(q_heads, (bias.name, 1))
+        else:
+            out.freeze((bias.name, 1), f"{_where(node)}: cannot tell how the attention bias broadcasts")
+
+
+def _tensor_axis(node: gs.Node, slot: Slot) -> tuple[gs.Tensor, int]:
+    tensors = {t.name: t for t in [*node.inputs, *node.outputs] if t is not None and t.name}
+    return tensors[slot[0]], slot[1]
+
+
+def ms_attention(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """com.microsoft Attention: X [batch, seq, in] times a packed weight [in, Q + K + V] (+ bias),
+    split into `num_heads` heads (sizes from `qkv_hidden_sizes`, else three equal parts); past and
+    present are [2, batch, heads, seq, head_dim]."""
+    x, weight, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    bias = _optional(node, 2)
+    heads = node.attrs.get("num_heads")
+    total = ctx.dim(weight, 1)
+    parts = list(node.attrs.get("qkv_hidden_sizes") or
+                 ([total // 3] * 3 if isinstance(total, int) and total % 3 == 0 else []))
+    if ctx.rank(x) != 3 or ctx.rank(weight) != 2 or ctx.rank(y) != 3 or len(parts) != 3 or sum(parts) != total:
+        freeze_node(node, ctx, out, f"{_where(node)}: unsupported input shapes or qkv_hidden_sizes")
+        return
+    for axis in (0, 1):
+        out.couple((x.name, axis), (y.name, axis))
+    out.couple((x.name, 2), (weight.name, 0))
+    if bias is not None:
+        out.couple((bias.name, 0), (weight.name, 1))
+    packed = [(f"{y.name}#{part}", 0) for part in "qkv"]
+    _packed(out, (weight.name, 1), list(zip(packed, parts, strict=True)))
+    caches = [(_optional(node, 4), 2, "k"), (_optional(node, 1, True), 2, "k")]  # K and V stacked
+    _fused_attention(node, ctx, out, {"q": packed[0], "k": packed[1], "v": packed[2], "y": (y.name, 2)},
+                     heads, heads, caches, _optional(node, 5))
+
+
+def ms_multi_head_attention(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """com.microsoft MultiHeadAttention with separate query [batch, seq, Q], key and value
+    ([batch, kv_seq, K] or already split into heads, [batch, heads, kv_seq, head_dim]), an optional
+    packed bias [Q + K + V] and past/present key and value [batch, heads, seq, head_dim]."""
+    q, k, v, y = node.inputs[0], _optional(node, 1), _optional(node, 2), node.outputs[0]
+    heads = node.attrs.get("num_heads")
+    if k is None or v is None or ctx.rank(q) != 3 or ctx.rank(y) != 3 or ctx.rank(k) not in (3, 4) \
+            or ctx.rank(v) != ctx.rank(k):
+        freeze_node(node, ctx, out, f"{_where(node)}: packed or unknown query/key/value layouts are not supported")
+        return
+    for axis in (0, 1):
+        out.couple((q.name, axis), (y.name, axis))
+    out.couple((q.name, 0), (k.name, 0))
+    out.couple((k.name, 0), (v.name, 0))
+    hidden: dict[str, Slot | None] = {"q": (q.name, 2), "y": (y.name, 2)}
+    if ctx.rank(k) == 3:
+        out.couple((k.name, 1), (v.name, 1))
+        hidden.update(k=(k.name, 2), v=(v.name, 2))
+    else:  # [batch, heads, kv_seq, head_dim]: head axes given, hidden ones virtual
+        out.couple((k.name, 2), (v.name, 2))
+        for tensor, part in ((k, "k"), (v, "v")):
+            size = ctx.dim(tensor, 1), ctx.dim(tensor, 3)
+            slot = (f"{y.name}#{part}", 0)
+            out.virtual[slot] = size[0] * size[1] if all(isinstance(s, int) for s in size) else None
+            hidden[part] = slot
+    bias = _optional(node, 3)
+    if bias is not None:
+        sizes = [ctx.dim(q, 2), ctx.dim(k, 2), ctx.dim(v, 2)] if ctx.rank(k) == 3 else [None]
+        if not all(isinstance(s, int) for s in sizes) or sum(sizes) != ctx.dim(bias, 0):
+            freeze_node(node, ctx, out, f"{_where(node)}: cannot split the packed bias")
+            return
+        packed = [(f"{y.name}#{part}_bias", 0) for part in "qkv"]
+        _packed(out, (bias.name, 0), list(zip(packed, sizes, strict=True)))
+        for part, slot in zip("qkv", packed, strict=True):
+            out.couple(slot, hidden[part])
+    caches = [(_optional(node, 6), 1, "k"), (_optional(node, 7), 1, "v"), (_optional(node, 1, True), 1, "k"),
+              (_optional(node, 2, True), 1, "v")]
+    if ctx.rank(k) == 4:
+        caches += [(k, 1, "k"), (v, 1, "v")]
+    _fused_attention(node, ctx, out, hidden, heads, heads, caches, _optional(node, 5))
+
+
+def ms_group_query_attention(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """com.microsoft GroupQueryAttention: query [batch, seq, heads * head_dim] (or Q | K | V packed
+    into it when key and value are absent), `kv_num_heads` KV heads shared by `num_heads` query
+    heads, past/present [batch, kv_heads, seq, head_dim], rotary embedding inside (`do_rotary`),
+    an optional per-head sink."""
+    q, y = node.inputs[0], node.outputs[0]
+    k, v = _optional(node, 1), _optional(node, 2)
+    q_count, kv_count = node.attrs.get("num_heads"), node.attrs.get("kv_num_heads")
+    if ctx.rank(q) != 3 or ctx.rank(y) != 3 or (k is None) != (v is None) \
+            or (k is not None and (ctx.rank(k) != 3 or ctx.rank(v) != 3)):
+        freeze_node(node, ctx, out, f"{_where(node)}: unsupported query/key/value layouts")
+        return
+    for axis in (0, 1):
+        out.couple((q.name, axis), (y.name, axis))
+    if k is None:
+        total, width = ctx.dim(q, 2), ctx.dim(y, 2)
+        if not all(isinstance(s, int) for s in (total, width, q_count, kv_count)) or not q_count \
+                or width % q_count or total != width + 2 * kv_count * (width // q_count):
+            freeze_node(node, ctx, out, f"{_where(node)}: cannot split the packed query/key/value")
+            return
+        kv_width = kv_count * (width // q_count)
+        packed = [(f"{y.name}#{part}", 0) for part in "qkv"]
+        _packed(out, (q.name, 2), list(zip(packed, [width, kv_width, kv_width], strict=True)))
+        hidden: dict[str, Slot | None] = {"q": packed[0], "k": packed[1], "v": packed[2], "y": (y.name, 2)}
+    else:
+        for tensor in (k, v):
+            out.couple((q.name, 0), (tensor.name, 0))
+            out.couple((q.name, 1), (tensor.name, 1))
+        hidden = {"q": (q.name, 2), "k": (k.name, 2), "v": (v.name, 2), "y": (y.name, 2)}
+    caches = [(_optional(node, 3), 1, "k"), (_optional(node, 4), 1, "v"), (_optional(node, 1, True), 1, "k"),
+              (_optional(node, 2, True), 1, "v")]
+    _fused_attention(node, ctx, out, hidden, q_count, kv_count, caches, _optional(node, 10))
+    sink = _optional(node, 11)
+    if sink is not None:
+        out.couple(fused_head_slots(node)[0], (sink.name, 0))
+
+
+def ms_embed_layer_norm(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    """com.microsoft EmbedLayerNormalization: LayerNorm(word[ids] + position[pos] + segment[seg]);
+    the tables' feature axis, gamma and beta follow the hidden axis; mask_index is frozen."""
+    ids, y = node.inputs[0], node.outputs[0]
+    total = _optional(node, 2, True)
+    for axis in (0, 1):
+        out.couple((ids.name, axis), (y.name, axis))
+    hidden = (y.name, 2)
+    for index in (2, 3, 4):
+        table = _optional(node, index)
+        if table is not None:
+            out.couple((table.name, 1), hidden)
+    for index in (5, 6):
+        param = _optional(node, index)
+        if param is not None:
+            out.couple((param.name, 0), hidden)
+    if total is not None:
+        for axis in range(3):
+            out.couple((y.name, axis), (total.name, axis))
+    out.mark_inexact(hidden, f"{_where(node)} normalizes over this axis")
+    out.produced[hidden] = "hidden"
+
+
 #: (rules for the com.microsoft domain) op type -> dependency rule
 CONTRIB_RULES: dict[str, Rule] = {
+    "Attention": ms_attention,
+    "MultiHeadAttention": ms_multi_head_attention,
+    "GroupQueryAttention": ms_group_query_attention,
+    "EmbedLayerNormalization": ms_embed_layer_norm,
     "SkipLayerNormalization": skip_layer_norm,
     "SkipSimplifiedLayerNormalization": skip_layer_norm,
     "BiasGelu": bias_activation,

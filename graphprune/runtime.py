@@ -14,6 +14,8 @@ import onnxruntime as ort
 from graphprune.errors import VerificationError
 from graphprune.ir import (
     EXTERNAL_DATA_THRESHOLD,
+    ORT_DEFAULT_DOMAIN_OPS,
+    check_model,
     first_line,
     has_references,
     proto_bytes,
@@ -34,20 +36,55 @@ MAX_SAMPLE_ELEMENTS = 1 << 28
 
 def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
                   ) -> dict[str, np.ndarray]:
-    """Random inputs matching the graph inputs (symbolic dims become `dynamic_dim`)."""
+    """Random inputs matching the graph inputs (symbolic dims become `dynamic_dim`, or what the graph
+    implies for them: `implied_dims`); an integer `attention_mask` is all ones."""
     rng = np.random.default_rng(seed)
     initializers = {t.name for t in proto.graph.initializer}
+    implied = implied_dims(proto)
     feeds: dict[str, np.ndarray] = {}
     for value in proto.graph.input:
         if value.name in initializers:
             continue
         ttype = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else dynamic_dim for d in ttype.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") else implied.get(d.dim_param, dynamic_dim)
+                 for d in ttype.shape.dim]
         if np.prod(shape, dtype=np.float64) > MAX_SAMPLE_ELEMENTS:
             raise VerificationError(f"input '{value.name}' declares shape {shape}: {np.prod(shape, dtype=np.float64):.3g} "
                                     f"elements, too many to run a check with (limit {MAX_SAMPLE_ELEMENTS:,})")
-        feeds[value.name] = random_array(rng, shape, onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if value.name == "attention_mask" and np.issubdtype(dtype, np.integer):
+            # every token attends: a random 0/1 mask can leave a row with nothing to attend to
+            feeds[value.name] = np.ones(shape, dtype)
+        else:
+            feeds[value.name] = random_array(rng, shape, dtype)
     return feeds
+
+
+def implied_dims(proto: onnx.ModelProto) -> dict[str, int]:
+    """Symbolic dims of graph inputs that the graph fixes: the head size of a KV cache fed to a
+    com.microsoft GroupQueryAttention or MultiHeadAttention (the onnxruntime-genai builder
+    declares it as `kv_cache_dim`), from the query width and the head-count attributes."""
+    widths = {v.name: v.type.tensor_type.shape.dim for v in [*proto.graph.value_info, *proto.graph.input]}
+    inputs = {v.name: v.type.tensor_type.shape.dim for v in proto.graph.input}
+    implied: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in ("GroupQueryAttention", "MultiHeadAttention"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        query = widths.get(node.input[0])
+        if query is None or len(query) != 3 or not query[2].HasField("dim_value") or not attrs.get("num_heads"):
+            continue
+        packed = len(node.input) < 2 or not node.input[1]
+        heads = attrs["num_heads"] + (2 * attrs.get("kv_num_heads", attrs["num_heads"]) if packed else 0)
+        caches = node.input[3:5] if node.op_type == "GroupQueryAttention" else node.input[6:8]
+        for name in caches:
+            dims = inputs.get(name)
+            if dims is not None and len(dims) == 4 and dims[3].dim_param:
+                implied[dims[3].dim_param] = query[2].dim_value // heads
+            if dims is not None and len(dims) == 4 and dims[2].dim_param and node.op_type == "GroupQueryAttention":
+                # a prompt: the past is empty and the attention mask covers the new tokens only
+                implied[dims[2].dim_param] = 0
+    return implied
 
 
 def random_array(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
@@ -140,9 +177,9 @@ def verify(proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
            ) -> tuple[Verification, list[np.ndarray]]:
     """onnx.checker, shape inference, an ORT run; shapes and (optionally) values against a reference."""
     try:
-        skeleton = weightless_copy(proto)
-        onnx.checker.check_model(skeleton)
-        onnx.shape_inference.infer_shapes(skeleton, strict_mode=True)
+        check_model(proto)
+        onnx.shape_inference.infer_shapes(weightless_copy(proto), strict_mode=ORT_DEFAULT_DOMAIN_OPS.isdisjoint(
+            n.op_type for n in proto.graph.node))
     except Exception as exc:
         raise VerificationError(f"ONNX checker/shape inference failed: {first_line(exc)}") from exc
     try:

@@ -86,16 +86,18 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
     return report.params_before - report.params_after
 
 
-def check_lowering(model: Model, dynamic_dim: int = 3, seed: int = 1, tolerance: float = 1e-4) -> float:
+def check_lowering(model: Model, dynamic_dim: int = 3, seed: int = 1, tolerance: float = 1e-4,
+                   feeds: dict[str, np.ndarray] | None = None) -> float:
     """The lowered fx module computes what ONNX Runtime computes (every output within `tolerance`
-    of the largest reference value) on seeded sample inputs; returns the relative difference."""
+    of the largest reference value) on `feeds` or seeded sample inputs; returns the relative
+    difference."""
     import torch
 
     from graphprune import runtime
     from graphprune.lowering import lower
 
     proto = model.to_onnx()
-    feeds = runtime.sample_inputs(proto, dynamic_dim=dynamic_dim, seed=seed)
+    feeds = feeds or runtime.sample_inputs(proto, dynamic_dim=dynamic_dim, seed=seed)
     reference = runtime.run(proto, feeds)
     module = lower(model)
     with torch.no_grad():

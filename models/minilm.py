@@ -32,13 +32,14 @@ class SentenceEncoder(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def export(encoder: SentenceEncoder, feeds: dict[str, np.ndarray], exporter: str = "dynamo"):
-    """The encoder as a graphprune Model (dynamic batch and sequence), traced on two of `feeds`."""
+def export(encoder: SentenceEncoder, feeds: dict[str, np.ndarray], exporter: str = "dynamo", dynamic: bool = True):
+    """The encoder as a graphprune Model (dynamic batch and sequence, or static: the shape of two of
+    `feeds`), traced on two of `feeds`."""
     from graphprune.frontend import from_torch
 
     example = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name][:2])) for name in encoder.input_names)
-    return from_torch(encoder, example, input_names=encoder.input_names, dynamic_axes=encoder.dynamic_axes,
-                      exporter=exporter)
+    return from_torch(encoder, example, input_names=encoder.input_names,
+                      dynamic_axes=encoder.dynamic_axes if dynamic else None, exporter=exporter)
 
 
 def model_path() -> str:

@@ -60,7 +60,8 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The real all-MiniLM-L6-v2 with eager attention, both exporters, dynamic batch and sequence;
-    and "default": `AutoModel.from_pretrained` as a user calls it (SDPA), exported by dynamo."""
+    and "default*": `AutoModel.from_pretrained` as a user calls it (SDPA), exported by dynamo with
+    dynamic and static shapes and by TorchScript."""
 
     from graphprune.models.minilm import english_sentences, export, load_encoder, tokenize
 
@@ -69,5 +70,10 @@ def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     encoder = load_encoder()
     paths = {exporter: graphprune.save_model(export(encoder, feeds, exporter), folder / f"minilm-{exporter}.onnx")
              for exporter in ("dynamo", "torchscript")}
-    paths["default"] = graphprune.save_model(export(load_encoder("default"), feeds), folder / "minilm-default.onnx")
+    default = load_encoder("default")
+    paths["default"] = graphprune.save_model(export(default, feeds), folder / "minilm-default.onnx")
+    paths["default-static"] = graphprune.save_model(export(default, feeds, dynamic=False),
+                                                    folder / "minilm-default-static.onnx")
+    paths["default-torchscript"] = graphprune.save_model(export(default, feeds, "torchscript"),
+                                                         folder / "minilm-default-torchscript.onnx")
     return paths
