@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from graphprune.deps import GQA_MODES, Dependencies, analyze
 from graphprune.errors import OptionError
 from graphprune.ir import Model, unshare_constants
 from graphprune.pipeline import AnalysisManager, PassManager, Progress, Report, parse_pipeline
 from graphprune.plan import make_plan, validate_budget
+
+logger = logging.getLogger(__name__)
 
 
 def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
@@ -81,6 +85,13 @@ def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, n
     """
     if pipeline is not None and options:
         raise OptionError(f"give either a pipeline or options ({', '.join(options)}), not both")
+    if pipeline is None and options.get("importance") is None:
+        # with calibration data a calibrated criterion is the default: weight norms know nothing of it
+        options["importance"] = "activation" if calibration is not None else "l2"
+    if pipeline is None and options["importance"] in MAGNITUDE and is_language_model(model):
+        logger.warning("%s magnitude importance on a language model: weight norms say little about what an "
+                       "LLM's units do (perplexity can explode); give calibration text and --importance "
+                       "activation or obs", options["importance"])
     text = pipeline if pipeline is not None else build_pipeline(seed=seed, **options)
     manager = PassManager(parse_pipeline(text), verify=verify, seed=seed, progress=progress)
     if saliency is not None:
@@ -90,6 +101,20 @@ def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, n
     if labels is not None:
         manager.am.context["labels"] = np.asarray(labels)
     return manager.run(model)
+
+
+#: importance kinds that read weights only
+MAGNITUDE = frozenset({"l1", "l2"})
+
+
+def is_language_model(model: Model) -> bool:
+    """Whether an output's last axis is a vocabulary: the rows of a table that a Gather reads with
+    token ids given as a graph input (an LM head over the embedding's vocabulary)."""
+    inputs = {t.name for t in model.graph.inputs}
+    vocab = {node.inputs[0].values.shape[0] for node in model.graph.nodes
+             if node.op == "Gather" and isinstance(node.inputs[0], gs.Constant) and node.inputs[0].values.ndim == 2
+             and len(node.inputs) > 1 and node.inputs[1].name in inputs}
+    return any(t.shape is not None and len(t.shape) == 3 and t.shape[-1] in vocab for t in model.graph.outputs)
 
 
 def _analysis_copy(model: Model) -> Model:

@@ -89,16 +89,21 @@ def random_calibration(proto: onnx.ModelProto, samples: int = RANDOM_SAMPLES, se
     return out
 
 
+def load_tokenizer(path: str):
+    """A Hugging Face tokenizer from a local folder (never the network)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"cannot load a tokenizer from {path}: {first_line(exc)}") from exc
+
+
 def text_calibration(text_file: Path, tokenizer_path: str, input_names: list[str], seq: int = 128,
                      samples: int | None = None) -> dict[str, np.ndarray]:
     """Token inputs (`input_ids`, `attention_mask`, `token_type_ids` as the model takes them) from the
     non-empty lines of a text file, with a Hugging Face tokenizer."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)  # never the network
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"cannot load a tokenizer from {tokenizer_path}: {first_line(exc)}") from exc
+    tokenizer = load_tokenizer(tokenizer_path)
     lines = [line.strip() for line in Path(text_file).read_text().splitlines() if line.strip()]
     if samples is not None:
         lines = lines[:samples]

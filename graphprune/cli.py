@@ -38,6 +38,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                        description="Prune an ONNX model; the input file is never modified.")
     p.add_argument("input", type=Path, help="ONNX model to prune")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the pruned model")
+    p.add_argument("--config", type=Path, metavar="CONFIG.json",
+                   help="the model's Hugging Face config.json or onnxruntime-genai genai_config.json: written "
+                        "beside OUTPUT with the head counts and FFN width the pruned model has")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="fraction of units removed in each group, in [0, 1)")
     budget.add_argument("--threshold", type=float,
@@ -67,8 +70,8 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
     """What `prune` and `sweep` share: scores, calibration, rounding, allocation, recovery."""
     p.add_argument("--upgrade-opset", action="store_true",
                    help="convert a model older than opset 11 to opset 17 first (onnx.version_converter)")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"), default="l2",
-                   help="unit score (default l2); activation: weights times activation norms on --calib data; "
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"),
+                   help="unit score (default: activation with a --calib .npz, else l2); activation: weights times activation norms on --calib data; "
                         "taylor: first-order loss change, by gradients through the lowered graph (task loss "
                         "when the --calib .npz has a 'labels' array, else output change along random "
                         "directions); fisher: its squared form; obs: the units the next layer, refit by least "
@@ -213,6 +216,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "trained on scikit-learn digits, Taylor scores")
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="greedy generation with a KV-cache decoder in ONNX Runtime",
+                       description="Feed the prompt, then one token per step with the previous step's cache "
+                                   "(past_* inputs <- present_* outputs), always taking the most likely token.")
+    p.add_argument("model", type=Path, help="an ONNX decoder with a KV cache")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs --tokenizer)")
+    prompt.add_argument("--ids", help="prompt token ids, comma-separated")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer folder (e.g. the model's)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--threads", type=int, default=2, help="ORT threads (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphprune", description="Graph-level pruning of ONNX and PyTorch models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO)")
@@ -222,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prune, _add_sweep, _add_inspect, _add_export, _add_bench, _add_calib, _add_distill,
-                _add_demo):
+                _add_generate, _add_demo):
         add(sub)
     return parser
 
@@ -270,6 +286,11 @@ def _calibration(spec: str | None, model, seed: int) -> dict | None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     _check_paths(args.input, args.output, args.report)
+    if args.config is not None:
+        if not args.config.is_file():
+            raise OptionError(f"config {args.config} does not exist")
+        if _same_file(args.output.parent / args.config.name, args.config):
+            raise OptionError(f"the updated config would overwrite {args.config}: write OUTPUT into another folder")
     shortcuts = {"ratio": args.ratio, "threshold": args.threshold, "sparsity": args.sparsity,
                  "weight_threshold": args.weight_threshold, "drop_blocks": args.drop_blocks,
                  "prune_hidden": args.prune_hidden or None, "reconstruct": args.reconstruct or None,
@@ -293,6 +314,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=show,
                            seed=args.seed, calibration=calibration, labels=labels, **options)
     save_model(model, args.output, external=True if args.external_data else None)
+    if args.config is not None:
+        from graphprune.configs import write_config
+
+        try:
+            written = write_config(args.config, args.output.parent, report, args.gqa)
+        except GraphpruneError:  # no half-done job: the model goes too
+            args.output.unlink(missing_ok=True)
+            args.output.with_name(args.output.name + ".data").unlink(missing_ok=True)
+            raise
+        console.print(f"wrote {written}")
     if args.report:
         try:
             _write_json(args.report, report.to_json())
@@ -320,7 +351,9 @@ def _loaded(args: argparse.Namespace):
 
 
 def _structured_options(args: argparse.Namespace) -> dict:
-    return {"importance": args.importance, "round_to": args.round_to, "round_mode": args.round_mode,
+    calibrated = args.calib not in (None, "random")
+    return {"importance": args.importance or ("activation" if calibrated else "l2"), "round_to": args.round_to,
+            "round_mode": args.round_mode,
             "prune_hidden": args.prune_hidden, "reconstruct": args.reconstruct, "allocation": args.allocation,
             "head_ratio": args.head_ratio, "ffn_ratio": args.ffn_ratio, "channel_ratio": args.channel_ratio,
             "drop_blocks": args.drop_blocks, "gqa": args.gqa}
@@ -534,7 +567,39 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "sweep": cmd_sweep, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from graphprune.generate import greedy
+
+    if args.tokens < 1:
+        raise OptionError(f"--tokens must be at least 1, got {args.tokens}")
+    tokenizer = None
+    if args.tokenizer is not None or args.prompt is not None:
+        if args.tokenizer is None:
+            raise OptionError("--prompt needs --tokenizer (or give --ids)")
+        from graphprune.calib import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    if args.prompt is not None:
+        ids = tokenizer(args.prompt)["input_ids"]
+    else:
+        try:
+            ids = [int(x) for x in args.ids.split(",") if x.strip()]
+        except ValueError as exc:
+            raise OptionError(f"--ids must be comma-separated integers, got {args.ids!r}") from exc
+    if not ids:
+        raise OptionError("the prompt has no tokens")
+    model = load_model(args.model)
+    with progress.status(console, f"generating {args.tokens} tokens"):
+        tokens, _ = greedy(model, np.array([ids]), args.tokens, threads=args.threads)
+    generated = tokens[0].tolist()
+    console.print(tokenizer.decode(generated) if tokenizer is not None else ",".join(map(str, generated)),
+                  markup=False, soft_wrap=True)
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "generate": cmd_generate, "sweep": cmd_sweep, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
             "calib": cmd_calib, "distill": cmd_distill, "demo": cmd_demo}
 
 

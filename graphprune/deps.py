@@ -30,6 +30,7 @@ from graphprune.ir import Model, shape_of
 from graphprune.rules import RULES, Blocked, Couplings, RuleContext, Slot, freeze_node, mark_unscored
 from graphprune.rules_attention import CONTRIB_RULES
 from graphprune.shapes import Monomial, Product, product
+from graphprune.state import state_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +135,13 @@ class Dependencies:
 def collect_couplings(model: Model, gqa: str = "kv") -> Couplings:
     ctx = RuleContext(opset=model.graph.opset, graph_outputs=frozenset(t.name for t in model.graph.outputs), gqa=gqa)
     out = Couplings()
+    state = state_tensors(model)  # a KV cache may lose heads: the rules say which axes
     for tensor in model.graph.inputs:
-        out.freeze_tensor(tensor, f"graph input '{tensor.name}'")
+        if tensor.name not in state:
+            out.freeze_tensor(tensor, f"graph input '{tensor.name}'")
     for tensor in model.graph.outputs:
-        out.freeze_tensor(tensor, f"graph output '{tensor.name}'")
+        if tensor.name not in state:
+            out.freeze_tensor(tensor, f"graph output '{tensor.name}'")
     outer = model.tensors()
     for node in model.graph.nodes:
         for name in _subgraph_reads(node) & outer.keys():

@@ -253,6 +253,8 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     verified: bool = False
     max_output_diff: float | None = None
+    #: state inputs and outputs (a KV cache) that lost units: name -> axis -> kept indices
+    state: dict[str, dict[int, list[int]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -333,6 +335,14 @@ class PassManager:
                 for entry in report.groups:  # for the report's charts: every unit's score, as scored
                     values = importance.scores.get(entry["id"])
                     entry["scores"] = None if values is None else [float(v) for v in values]
+            resized = outcome.stats.pop("state", None)
+            for name, axes in (resized or {}).items():  # a later rewrite takes from what is left
+                earlier = report.state.setdefault(name, {})
+                for axis, indices in axes.items():
+                    earlier[axis] = [earlier[axis][i] for i in indices] if axis in earlier else indices
+            if resized and self.verify:  # a KV cache lost heads: so do its sample feeds and references
+                feeds, shapes, reference, dense = _resize_references(model, resized, feeds, shapes, reference, dense)
+                self.am.context.update(feeds=feeds, dense_outputs=dense, output_shapes=shapes)
             if isinstance(p, RewritePass) and outcome.modified:
                 self.am.invalidate()
                 if self.verify:
@@ -353,6 +363,23 @@ class PassManager:
             report.verified = True
             report.max_output_diff = runtime.max_relative_diff(dense, reference)
         return report
+
+
+def _resize_references(model: Model, resized: dict[str, dict[int, list[int]]], feeds: dict, shapes: tuple,
+                       reference: list, dense: list) -> tuple[dict, tuple, list, list]:
+    """Feeds, expected output shapes and reference outputs with the units a rewrite removed from
+    state inputs and outputs (a KV cache) taken out the same way."""
+    def take(array: np.ndarray, axes: dict[int, list[int]]) -> np.ndarray:
+        for axis, indices in axes.items():
+            array = np.take(array, indices, axis=axis)
+        return array
+
+    feeds = {name: take(value, resized[name]) if name in resized else value for name, value in feeds.items()}
+    names = [t.name for t in model.graph.outputs]
+    reference = [take(r, resized[n]) if n in resized else r for n, r in zip(names, reference, strict=True)]
+    dense = [take(r, resized[n]) if n in resized else r for n, r in zip(names, dense, strict=True)]
+    shapes = tuple(tuple(r.shape) if n in resized else s for n, r, s in zip(names, reference, shapes, strict=True))
+    return feeds, shapes, reference, dense
 
 
 def _update_groups(report: Report, group_units: dict[int, int] | None) -> None:

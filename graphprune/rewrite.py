@@ -310,6 +310,19 @@ def kept_indices(deps: Dependencies, plan: Plan) -> dict[Slot, np.ndarray]:
     return kept
 
 
+def _resize_state(model: Model, kept: dict[Slot, np.ndarray]) -> dict[str, dict[int, list[int]]]:
+    """Graph inputs and outputs that lose units (a KV cache's heads) get their new declared sizes;
+    returns name -> axis -> kept indices, for the caller's feeds and reference outputs."""
+    resized: dict[str, dict[int, list[int]]] = {}
+    for tensor in [*model.graph.inputs, *model.graph.outputs]:
+        for axis in range(len(tensor.shape or ())):
+            indices = kept.get((tensor.name, axis))
+            if indices is not None:
+                tensor.shape = [len(indices) if a == axis else d for a, d in enumerate(tensor.shape)]
+                resized.setdefault(tensor.name, {})[axis] = indices.tolist()
+    return resized
+
+
 def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
     """Remove the plan's units from `model` in place; returns counts for the report."""
     kept = kept_indices(deps, plan)
@@ -328,6 +341,7 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
                 values = np.take(values, indices, axis=axis)
             tensor.values = replacement(old, np.ascontiguousarray(values))
             sliced += 1
+    resized = _resize_state(model, kept)
     for node in list(model.graph.nodes):
         fixup = FIXUPS.get(node.op) if (node.domain or "") in ("", "ai.onnx") else \
             CONTRIB_FIXUPS.get(node.op) if node.domain == "com.microsoft" else None
@@ -341,5 +355,7 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
         "tensors_sliced": sliced,
         "params_removed": params_before - model.param_count(),
     }
+    if resized:
+        stats["state"] = resized
     logger.info("pruned %(units_removed)d units in %(groups_pruned)d groups", stats)
     return stats

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from graphprune.deps import Group
+from graphprune.deps import Dependencies, Group
 from graphprune.ir import Model
 
 _WEIGHTS = re.compile(r"^\s*#\s*weights:(.*)$", re.MULTILINE)
@@ -41,22 +41,12 @@ def model_from_text(text: str, seed: int = 0) -> Model:
     return Model.from_onnx(proto)
 
 
-def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int]], seed: int = 2,
-                            gqa: str = "kv") -> int:
-    """The dead-unit oracle: zero the units `choose_dead(group)` picks in every exact prunable group
-    (in all weights that score them), prune with `threshold=0` and assert that exactly those units
-    left every member and the ORT outputs did not change. Returns the parameters removed.
-
-    Runs on an un-shared copy of the constants and without cleanup (which would merge copies that
-    stay equal), so the parameter count is exact.
-    """
-    from graphprune import api, runtime
+def kill_units(model: Model, choose_dead: Callable[[Group], set[int]], gqa: str = "kv",
+               ) -> tuple[Dependencies, dict[int, set[int]]]:
+    """Zero the units `choose_dead(group)` picks in every exact prunable group, in all weights that
+    score them (shapes must be inferred); returns the analysis and the dead units per group."""
     from graphprune.deps import analyze
-    from graphprune.ir import unshare_constants
-    from graphprune.pipeline import LOSSLESS_TOLERANCE
 
-    unshare_constants(model)
-    model.infer_shapes()
     deps = analyze(model, gqa)
     dead = {g.id: choose_dead(g) for g in deps.prunable if g.exact}
     consts = model.constants()
@@ -67,6 +57,25 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
             index[member.axis] = member.unit_elements(np.array(sorted(dead[group.id])), group.units)
             values[tuple(index)] = 0
             consts[member.tensor].values = values
+    return deps, dead
+
+
+def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int]], seed: int = 2,
+                            gqa: str = "kv") -> int:
+    """The dead-unit oracle: zero the units `choose_dead(group)` picks in every exact prunable group
+    (in all weights that score them), prune with `threshold=0` and assert that exactly those units
+    left every member and the ORT outputs did not change. Returns the parameters removed.
+
+    Runs on an un-shared copy of the constants and without cleanup (which would merge copies that
+    stay equal), so the parameter count is exact.
+    """
+    from graphprune import api, runtime
+    from graphprune.ir import unshare_constants
+    from graphprune.pipeline import LOSSLESS_TOLERANCE
+
+    unshare_constants(model)
+    model.infer_shapes()
+    deps, dead = kill_units(model, choose_dead, gqa)
     expected = 0
     for tensor in model.weights():
         kept = [sum(seg.stop - seg.start - len(dead.get(seg.group, ())) * seg.unit_len * seg.repeats
@@ -77,6 +86,13 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
     feeds = runtime.sample_inputs(proto, seed=seed)
     before = runtime.run(proto, feeds)
     report = api.prune(model, f"deps{{gqa={gqa}}},importance,prune{{threshold=0}},verify")
+    for name, axes in report.state.items():  # a KV cache that lost heads: feeds and outputs lose them too
+        names = [t.name for t in model.graph.outputs]
+        for axis, indices in axes.items():
+            if name in feeds:
+                feeds[name] = np.take(feeds[name], indices, axis=axis)
+            if name in names:
+                before[names.index(name)] = np.take(before[names.index(name)], indices, axis=axis)
     after = runtime.run(model.to_onnx(), feeds)
     assert report.verified, "pruned model does not verify"
     assert report.params_after == expected, f"params {report.params_after} != expected {expected}"

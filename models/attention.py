@@ -146,12 +146,14 @@ def bert_classifier(attention: str = "eager") -> nn.Module:
     return _Logits(BertForSequenceClassification(config), config.vocab_size)
 
 
-def llama_lm(attention: str = "eager") -> nn.Module:
-    """LLaMA (GQA) with a language-model head tied to the token embeddings (logits [B, S, V])."""
+def llama_lm(attention: str = "eager", vocab: int = 100) -> nn.Module:
+    """LLaMA (GQA) with a language-model head tied to the token embeddings (logits [B, S, V]). With
+    a large `vocab` (8192 x 64 floats: 2 MiB) the exporter keeps the tie as a Transpose of the
+    embedding table, as it does for a real LLM's, instead of folding it into a second table."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _seed()
-    config = LlamaConfig(vocab_size=100, max_position_embeddings=32, num_key_value_heads=2,
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=32, num_key_value_heads=2,
                          tie_word_embeddings=True, **_attention(attention), **SMALL)
     return _Logits(LlamaForCausalLM(config), config.vocab_size)
 

@@ -29,7 +29,7 @@ def llama_folder(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(folder)
-    vocab = {f"w{i}": i for i in range(LLAMA["vocab_size"])} | {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, LLAMA["vocab_size"])}
     words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>",

@@ -1,0 +1,51 @@
+"""A decoder's KV cache: graph inputs and outputs that are state, not a fixed interface.
+
+A cache model reads the keys and values of earlier tokens (`past_key_values.N.key`, ...) and
+returns them grown by the new tokens (`present.N.key`, ...); the caller feeds each output back as
+the next step's input. Such a pair may lose KV heads like any activation, as long as both sides
+lose the same ones: the rules couple them (the attention op, or the Concat that appends the new
+keys), and the rewrite sets their declared sizes. Every other graph input and output stays frozen.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from graphprune.ir import Model
+
+#: (domain, op) -> (past input index, present output index) pairs of attention ops that keep a cache
+CACHE_IO: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {
+    ("com.microsoft", "GroupQueryAttention"): ((3, 1), (4, 2)),
+    ("com.microsoft", "MultiHeadAttention"): ((6, 1), (7, 2)),
+    ("com.microsoft", "Attention"): ((4, 1),),
+    ("", "Attention"): ((4, 1), (5, 2)),
+}
+
+
+def _domain(node: gs.Node) -> str:
+    return "" if node.domain in (None, "", "ai.onnx") else node.domain
+
+
+def cache_pairs(model: Model) -> list[tuple[gs.Variable, gs.Variable]]:
+    """(past input, present output) pairs: an attention op that reads a graph input as its past and
+    writes a graph output as its present, or a Concat that appends to a graph input and whose
+    result is a graph output (what the torch exporters make of a DynamicCache)."""
+    inputs = {t.name for t in model.graph.inputs}
+    outputs = {t.name for t in model.graph.outputs}
+    pairs = []
+    for node in model.graph.nodes:
+        indices = CACHE_IO.get((_domain(node), node.op))
+        if node.op == "Concat" and node.outputs[0].name in outputs:
+            pasts = [t for t in node.inputs if t.name in inputs]
+            if len(pasts) == 1:
+                pairs.append((pasts[0], node.outputs[0]))
+        for past, present in indices or ():
+            if past < len(node.inputs) and present < len(node.outputs) and node.inputs[past].name in inputs \
+                    and node.outputs[present].name in outputs:
+                pairs.append((node.inputs[past], node.outputs[present]))
+    return pairs
+
+
+def state_tensors(model: Model) -> set[str]:
+    """Names of the graph inputs and outputs that are cache state."""
+    return {t.name for pair in cache_pairs(model) for t in pair}
