@@ -181,7 +181,10 @@ def _add_calib(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer folder (e.g. the model's)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--seq", type=int, default=128, help="tokens per sample, padded or truncated (default 128)")
-    p.add_argument("--samples", type=int, help="use only the first N lines")
+    p.add_argument("--samples", type=int, help="use only the first N lines (--causal: N windows)")
+    p.add_argument("--causal", action="store_true",
+                   help="causal-LM windows: the whole text as one token stream cut into windows of --seq tokens, "
+                        "no padding (with empty KV caches where the model has them)")
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
@@ -216,6 +219,22 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "trained on scikit-learn digits, Taylor scores")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity of a causal language model on text, in ONNX Runtime",
+                       description="The text is tokenized as one stream and cut into non-overlapping windows of "
+                                   "--window tokens; each window runs alone (empty KV cache) and every token after "
+                                   "its first is scored; perplexity = exp(mean negative log-likelihood).")
+    p.add_argument("model", type=Path, help="an ONNX causal LM (logits [batch, seq, vocabulary])")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", type=Path, help="a text file (needs --tokenizer)")
+    source.add_argument("--data", type=Path, metavar="FILE.npz", help="token windows: an .npz with input_ids [n, window]")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer folder (e.g. the model's)")
+    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--windows", type=int, help="use only the first N windows")
+    p.add_argument("--threads", type=int, default=2, help="ORT threads (default 2)")
+    p.add_argument("--report", type=Path, help="write the result as JSON here")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="greedy generation with a KV-cache decoder in ONNX Runtime",
                        description="Feed the prompt, then one token per step with the previous step's cache "
@@ -238,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prune, _add_sweep, _add_inspect, _add_export, _add_bench, _add_calib, _add_distill,
-                _add_generate, _add_demo):
+                _add_eval, _add_generate, _add_demo):
         add(sub)
     return parser
 
@@ -521,8 +540,16 @@ def cmd_calib(args: argparse.Namespace) -> int:
 
     if not args.text.is_file():
         raise CalibrationError(f"text file {args.text} does not exist")
-    names = [v.name for v in model_inputs(load_model(args.model).to_onnx())]
-    feeds = text_calibration(args.text, args.tokenizer, names, seq=args.seq, samples=args.samples)
+    model = load_model(args.model)
+    if args.causal:
+        from graphprune import runtime
+        from graphprune.perplexity import causal_feeds
+
+        args.window, args.windows, args.data = args.seq, args.samples, None
+        feeds = causal_feeds(model, _windows(args), runtime.implied_dims(model.to_onnx()))
+    else:
+        names = [v.name for v in model_inputs(model.to_onnx())]
+        feeds = text_calibration(args.text, args.tokenizer, names, seq=args.seq, samples=args.samples)
     with open(args.output, "wb") as handle:
         np.savez(handle, **feeds)
     console.print(f"wrote {args.output}: {', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())}")
@@ -567,6 +594,49 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _windows(args: argparse.Namespace):
+    """Token windows from --text/--tokenizer or --data, as `eval` and `calib --causal` take them."""
+    import numpy as np
+
+    from graphprune.calib import CalibrationError, load_tokenizer
+    from graphprune.perplexity import text_windows
+
+    if args.data is not None:
+        try:
+            with np.load(args.data) as data:
+                ids = np.asarray(data["input_ids"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise CalibrationError(f"cannot read input_ids from {args.data}: {first_line(exc)}") from exc
+        if ids.ndim != 2:
+            raise CalibrationError(f"{args.data}: input_ids must be [windows, tokens], got {list(ids.shape)}")
+        return ids[:args.windows] if args.windows else ids
+    if not args.text.is_file():
+        raise CalibrationError(f"text file {args.text} does not exist")
+    if args.tokenizer is None:
+        raise OptionError("--text needs --tokenizer")
+    return text_windows(args.text.read_text(errors="replace"), load_tokenizer(args.tokenizer), args.window,
+                        args.windows)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from graphprune.perplexity import perplexity
+
+    windows = _windows(args)
+    model = load_model(args.model)
+    columns = (TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not progress.enabled(console)) as bar:
+        task = bar.add_task("eval", total=len(windows))
+        result = perplexity(model, windows, threads=args.threads,
+                            progress=lambda done, total: bar.update(task, completed=done))
+    console.print(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens ({result.windows} windows of "
+                  f"{result.window}; mean NLL {result.nll:.4f} nats)")
+    if args.report:
+        _write_json(args.report, dict(result.to_json(), model=str(args.model)))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -599,7 +669,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "generate": cmd_generate, "sweep": cmd_sweep, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
             "calib": cmd_calib, "distill": cmd_distill, "demo": cmd_demo}
 
 

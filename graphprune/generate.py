@@ -10,35 +10,15 @@ the prompt with empty pasts, every later step the chosen token and the previous 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from graphprune import runtime
 from graphprune.errors import GraphpruneError
 from graphprune.ir import Model
-from graphprune.state import cache_pairs
+from graphprune.state import cache_pairs, empty_caches
 
 
 class GenerationError(GraphpruneError):
     """The model is not a KV-cache decoder this loop can drive."""
-
-
-def _past_shape(value: onnx.ValueInfoProto, batch: int, implied: dict[str, int]) -> list[int]:
-    dims = value.type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise GenerationError(f"cache input '{value.name}' has rank {len(dims)}; [batch, heads, seq, dim] expected")
-    shape = []
-    for axis, dim in enumerate(dims):
-        if axis == 0:
-            shape.append(batch)
-        elif axis == 2:
-            shape.append(0)
-        elif dim.HasField("dim_value"):
-            shape.append(dim.dim_value)
-        elif dim.dim_param in implied:
-            shape.append(implied[dim.dim_param])
-        else:
-            raise GenerationError(f"cache input '{value.name}' axis {axis} is symbolic ('{dim.dim_param}')")
-    return shape
 
 
 def greedy(model: Model, prompt: np.ndarray, new_tokens: int, threads: int = 2,
@@ -55,12 +35,10 @@ def greedy(model: Model, prompt: np.ndarray, new_tokens: int, threads: int = 2,
     for needed in ("input_ids", "attention_mask"):
         if needed not in names:
             raise GenerationError(f"the model has no '{needed}' input")
-    values = {v.name: v for v in proto.graph.input}
-    implied = runtime.implied_dims(proto)
+    inputs = {t.name: t for t in model.graph.inputs}
     batch = prompt.shape[0]
-    ids_type = onnx.helper.tensor_dtype_to_np_dtype(values["input_ids"].type.tensor_type.elem_type)
-    mask_type = onnx.helper.tensor_dtype_to_np_dtype(values["attention_mask"].type.tensor_type.elem_type)
-    past = {p.name: np.zeros(_past_shape(values[p.name], batch, implied), np.float32) for p, _ in pairs}
+    ids_type, mask_type = inputs["input_ids"].dtype, inputs["attention_mask"].dtype
+    past = empty_caches(model, batch, runtime.implied_dims(proto))
     present_of = {q.name: p.name for p, q in pairs}
     tokens = np.asarray(prompt, ids_type)
     length = 0

@@ -340,6 +340,8 @@ class PassManager:
                 earlier = report.state.setdefault(name, {})
                 for axis, indices in axes.items():
                     earlier[axis] = [earlier[axis][i] for i in indices] if axis in earlier else indices
+            if resized:
+                self.am.context[STATE] = report.state
             if resized and self.verify:  # a KV cache lost heads: so do its sample feeds and references
                 feeds, shapes, reference, dense = _resize_references(model, resized, feeds, shapes, reference, dense)
                 self.am.context.update(feeds=feeds, dense_outputs=dense, output_shapes=shapes)
@@ -365,16 +367,28 @@ class PassManager:
         return report
 
 
+def _take_axes(array: np.ndarray, axes: dict[int, list[int]]) -> np.ndarray:
+    for axis, indices in axes.items():
+        array = np.take(array, indices, axis=int(axis))
+    return array
+
+
+def take_state(arrays: dict[str, np.ndarray], state: dict[str, dict[int, list[int]]]) -> dict[str, np.ndarray]:
+    """Inputs for the pruned model from inputs for the dense one: the units the rewrite removed
+    from state inputs (a KV cache's heads) taken out (`Report.state`, `am.context[STATE]`)."""
+    return {name: _take_axes(value, state[name]) if name in state else value for name, value in arrays.items()}
+
+
+#: am.context key: the state inputs and outputs that lost units so far (name -> axis -> kept)
+STATE = "state"
+
+
 def _resize_references(model: Model, resized: dict[str, dict[int, list[int]]], feeds: dict, shapes: tuple,
                        reference: list, dense: list) -> tuple[dict, tuple, list, list]:
     """Feeds, expected output shapes and reference outputs with the units a rewrite removed from
     state inputs and outputs (a KV cache) taken out the same way."""
-    def take(array: np.ndarray, axes: dict[int, list[int]]) -> np.ndarray:
-        for axis, indices in axes.items():
-            array = np.take(array, indices, axis=axis)
-        return array
-
-    feeds = {name: take(value, resized[name]) if name in resized else value for name, value in feeds.items()}
+    take = _take_axes
+    feeds = take_state(feeds, resized)
     names = [t.name for t in model.graph.outputs]
     reference = [take(r, resized[n]) if n in resized else r for n, r in zip(names, reference, strict=True)]
     dense = [take(r, resized[n]) if n in resized else r for n, r in zip(names, dense, strict=True)]

@@ -9,8 +9,10 @@ keys), and the rewrite sets their declared sizes. Every other graph input and ou
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.errors import GraphpruneError
 from graphprune.ir import Model
 
 #: (domain, op) -> (past input index, present output index) pairs of attention ops that keep a cache
@@ -49,3 +51,25 @@ def cache_pairs(model: Model) -> list[tuple[gs.Variable, gs.Variable]]:
 def state_tensors(model: Model) -> set[str]:
     """Names of the graph inputs and outputs that are cache state."""
     return {t.name for pair in cache_pairs(model) for t in pair}
+
+
+def empty_caches(model: Model, batch: int, implied: dict[str, int]) -> dict[str, np.ndarray]:
+    """Zero-length pasts for a first step, [batch, heads, 0, head_dim] each; symbolic head sizes
+    come from `implied` (`runtime.implied_dims`)."""
+    caches = {}
+    for past, _ in cache_pairs(model):
+        shape = []
+        for axis, dim in enumerate(past.shape or ()):
+            if axis == 0:
+                shape.append(batch)
+            elif axis == len(past.shape) - 2:
+                shape.append(0)  # the sequence axis
+            elif isinstance(dim, int):
+                shape.append(dim)
+            elif dim in implied:
+                shape.append(implied[dim])
+            else:
+                raise GraphpruneError(f"cache input '{past.name}' axis {axis} is symbolic ('{dim}'): cannot make "
+                                      "an empty cache")
+        caches[past.name] = np.zeros(shape, past.dtype or np.float32)
+    return caches

@@ -83,3 +83,40 @@ def tokenizer():
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(hf_folder())
+
+
+def _logits_module(model):
+    """`forward(input_ids, attention_mask) -> logits` around a causal LM, no cache."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return Logits().eval()
+
+
+def export_plain(path: Path, attention: str = "default", exporter: str = "dynamo") -> Path:
+    """SmolLM2 without a cache (input_ids, attention_mask -> logits), dynamic batch and sequence."""
+    import torch
+
+    from graphprune.frontend import from_torch
+    from graphprune.ir import save_model
+
+    example = (torch.randint(0, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
+    model = from_torch(_logits_module(load(attention)), example, input_names=["input_ids", "attention_mask"],
+                       dynamic_axes=(0, 1), exporter=exporter)
+    return save_model(model, path)
+
+
+def export_genai(folder: Path) -> Path:
+    """SmolLM2 with a KV cache as onnxruntime-genai deploys it (the model builder, CPU fp32:
+    GroupQueryAttention, past_key_values.N.key/value -> present.N.key/value), with genai_config.json
+    and the tokenizer beside it; returns the model path."""
+    from graphprune.models.genai import genai_export
+
+    return genai_export(hf_folder(), Path(folder))

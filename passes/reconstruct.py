@@ -29,7 +29,7 @@ from graphprune.calib import (
 )
 from graphprune.errors import OptionError
 from graphprune.ir import Model
-from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
+from graphprune.pipeline import STATE, AnalysisManager, PassResult, RewritePass, register, take_state
 from graphprune.weights import replacement
 
 logger = logging.getLogger(__name__)
@@ -260,9 +260,10 @@ class ReconstructPass(RewritePass):
         outputs = dict.fromkeys([c.x for c in consumers] + list(skips.values()), np.float32)
         proto = runtime.with_outputs(runtime.with_weight_inputs(model.to_onnx(), set(weights)), outputs)
         session = runtime.session(proto, threads=2)
+        state = am.context.get(STATE, {})  # a KV cache that lost heads: the pruned model's feeds lose them too
         errors = []
         for index, consumer in enumerate(consumers):
-            errors.append(self._refit(model, consumer, session, weights, targets, skips.get(consumer.y)))
+            errors.append(self._refit(model, consumer, session, weights, targets, skips.get(consumer.y), state))
             logger.info("reconstruct %d/%d: %s, relative error %.4g -> %.4g", index + 1, len(consumers),
                         consumer.weight, *errors[-1])
         return PassResult(True, {"layers_refit": len(consumers),
@@ -270,7 +271,7 @@ class ReconstructPass(RewritePass):
                                  "relative_error_after": [round(a, 6) for _, a in errors]})
 
     def _refit(self, model: Model, consumer: Consumer, session, weights: dict[str, np.ndarray],
-               targets: _DenseTargets, skip: str | None) -> tuple[float, float]:
+               targets: _DenseTargets, skip: str | None, state: dict) -> tuple[float, float]:
         node = next(n for n in model.graph.nodes if n.op in CONSUMER_OPS and n.inputs[1].name == consumer.weight)
         weight = node.inputs[1]
         w = consumer.weight_rows(np.asarray(weight.values, np.float64))
@@ -281,7 +282,7 @@ class ReconstructPass(RewritePass):
         target_energy = residual = 0.0
         rows = 0
         for index, batch in enumerate(targets.batches()):
-            got = [np.asarray(v, np.float64) for v in session.run(wanted, batch | weights)]
+            got = [np.asarray(v, np.float64) for v in session.run(wanted, take_state(batch, state) | weights)]
             x = consumer.input_rows(batch, got[0], index)
             y = _features(targets.get(index, consumer.y, batch), consumer.columns)
             if skip:  # the dense sum is y + skip: the pruned output also makes up for the skip's drift

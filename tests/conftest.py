@@ -77,3 +77,13 @@ def minilm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["default-torchscript"] = graphprune.save_model(export(default, feeds, "torchscript"),
                                                          folder / "minilm-default-torchscript.onnx")
     return paths
+
+
+@pytest.fixture(scope="session")
+def genai_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The onnxruntime-genai builder's export (GroupQueryAttention, KV cache) of a small random
+    LLaMA; its Hugging Face folder (weights, tokenizer) is `../hf`."""
+    from graphprune.models.genai import genai_export, llama_folder
+
+    folder = tmp_path_factory.mktemp("genai")
+    return genai_export(llama_folder(folder / "hf"), folder / "onnx")

@@ -19,7 +19,7 @@ from graphprune import api, runtime
 from graphprune.cli import main
 from graphprune.generate import greedy
 from graphprune.models.attention import bert
-from graphprune.models.genai import LLAMA, genai_export, llama_folder
+from graphprune.models.genai import LLAMA
 from graphprune.testing import check_dead_unit_removal, check_lowering, kill_units
 
 #: the op the optimizer fuses each BERT attention into -> FusionOptions.use_multi_head_attention
@@ -91,12 +91,6 @@ def test_fused_bert_lowering_and_dead_heads(eager_bert, tmp_path, op: str) -> No
     removed = check_dead_unit_removal(graphprune.load_model(tmp_path / "fused.onnx"),
                                       lambda g: {1} if g.kind == "head" else {0, 5})
     assert removed == 2 * (3 * 16 * (64 + 1) + 16 * 64) + 2 * 2 * (64 + 1 + 64)
-
-
-@pytest.fixture(scope="session")
-def genai_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("genai")
-    return genai_export(llama_folder(folder / "hf"), folder / "onnx")
 
 
 def _decode_feeds(proto: onnx.ModelProto, past: int = 3) -> dict[str, np.ndarray]:

@@ -56,3 +56,84 @@ def test_magnitude_on_a_language_model_warns_and_calibration_data_picks_a_calibr
                  "--report", str(report_path)]) == 0
     assert "magnitude importance" not in caplog.text
     assert _scored_kind(report_path) == "activation"
+
+
+def _torch_perplexity(hf_folder, windows) -> float:
+    """exp(mean cross-entropy of every next token within each window) by transformers."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_folder).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(windows)).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             torch.from_numpy(windows[:, 1:]).reshape(-1))
+    return float(torch.exp(loss))
+
+
+def test_perplexity_of_cache_and_plain_exports_equals_the_torch_models(genai_llama, tmp_path) -> None:
+    """`graphprune eval` on the builder's KV-cache graph and on a dynamo export without a cache
+    gives the perplexity transformers computes for the same windows."""
+    import numpy as np
+    import torch
+
+    from graphprune.perplexity import perplexity, text_windows
+
+    hf = genai_llama.parent.parent / "hf"
+    text = " ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 100, 700))
+    (tmp_path / "text.txt").write_text(text)
+    from graphprune.calib import load_tokenizer
+
+    windows = text_windows(text, load_tokenizer(str(hf)), 64)
+    assert windows.shape == (10, 64)
+    expected = _torch_perplexity(hf, windows)
+
+    cached = perplexity(graphprune.load_model(genai_llama), windows)
+    assert cached.tokens == 10 * 63 and abs(cached.perplexity - expected) <= 1e-4 * expected
+
+    import transformers
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = transformers.LlamaForCausalLM.from_pretrained(hf).eval()
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    example = (torch.from_numpy(windows[:2]), torch.ones(2, 64, dtype=torch.int64))
+    plain = graphprune.save_model(graphprune.from_torch(Logits(), example, input_names=["input_ids", "attention_mask"],
+                                                        dynamic_axes=(0, 1)), tmp_path / "plain.onnx")
+    report = tmp_path / "ppl.json"
+    assert main(["eval", str(plain), "--text", str(tmp_path / "text.txt"), "--tokenizer", str(hf), "--window", "64",
+                 "--report", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["tokens"] == 630 and abs(result["perplexity"] - expected) <= 1e-4 * expected
+
+
+def test_causal_calibration_windows_drive_calibrated_pruning_of_a_cache_model(genai_llama, tmp_path) -> None:
+    """`calib --causal` cuts text into unpadded windows with empty KV caches; obs + reconstruct
+    prune KV heads of the cache model (its refit feeds lose the heads too), and `eval` scores it."""
+    import numpy as np
+
+    hf = genai_llama.parent.parent / "hf"
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(3, 100, 2000)))
+    calib = tmp_path / "calib.npz"
+    assert main(["calib", str(text), "--model", str(genai_llama), "--tokenizer", str(hf), "--causal", "--seq", "32",
+                 "-o", str(calib)]) == 0
+    with np.load(calib) as data:
+        assert data["input_ids"].shape == (62, 32) and data["attention_mask"].min() == 1
+        assert data["past_key_values.0.key"].shape == (62, 2, 0, 16)
+    out, report_path = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(genai_llama), "-o", str(out), "--ratio", "0.5", "--calib", str(calib),
+                 "--importance", "obs", "--reconstruct", "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["verified"] and report["state"]
+    refit = next(p["stats"] for p in report["passes"] if p["name"] == "reconstruct")
+    assert refit["layers_refit"] == 4
+    assert all(a < b for a, b in zip(refit["relative_error_after"], refit["relative_error_before"], strict=True))
+    ppl = tmp_path / "ppl.json"
+    assert main(["eval", str(out), "--data", str(calib), "--windows", "8", "--report", str(ppl)]) == 0
+    result = json.loads(ppl.read_text())
+    assert result["windows"] == 8 and result["tokens"] == 8 * 31 and np.isfinite(result["perplexity"])
