@@ -24,7 +24,7 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
                    head_ratio: float | None = None, ffn_ratio: float | None = None,
                    channel_ratio: float | None = None, target_params: float | None = None,
                    target_flops: float | None = None, target_latency: float | None = None,
-                   gqa: str = "kv") -> str:
+                   gqa: str = "kv", uniform_heads: bool = False) -> str:
     """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
     targets = {k: v for k, v in (("target_params", target_params), ("target_flops", target_flops),
                                  ("target_latency", target_latency)) if v is not None}
@@ -59,6 +59,7 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         rounding = ("" if round_to is None else f",round_to={round_to}") + (
             "" if round_mode == "up" else f",round_mode={round_mode}") + (",hidden=true" if prune_hidden else "")
         rounding += "" if allocation == "uniform" else f",allocation={allocation}"
+        rounding += ",uniform_heads=true" if uniform_heads else ""
         for key, value in (("head_ratio", head_ratio), ("neuron_ratio", ffn_ratio), ("channel_ratio", channel_ratio)):
             rounding += "" if value is None else f",{key}={value}"
         deps = "deps" if gqa == "kv" else f"deps{{gqa={gqa}}}"

@@ -93,6 +93,9 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="uniform: --ratio of every group (default); global: units of a kind compete across "
                         "groups by normalized importance (at most 90%% of any group)")
+    p.add_argument("--uniform-heads", action="store_true",
+                   help="with --allocation global: every layer keeps the same number of heads (runtimes whose "
+                        "config holds one head count, e.g. onnxruntime-genai, Optimum)")
     p.add_argument("--head-ratio", type=float, help="ratio for attention heads (replaces --ratio there)")
     p.add_argument("--ffn-ratio", type=float, help="ratio for FFN/MLP neurons (replaces --ratio there)")
     p.add_argument("--channel-ratio", type=float, help="ratio for conv channels (replaces --ratio there)")
@@ -375,7 +378,7 @@ def _structured_options(args: argparse.Namespace) -> dict:
             "round_mode": args.round_mode,
             "prune_hidden": args.prune_hidden, "reconstruct": args.reconstruct, "allocation": args.allocation,
             "head_ratio": args.head_ratio, "ffn_ratio": args.ffn_ratio, "channel_ratio": args.channel_ratio,
-            "drop_blocks": args.drop_blocks, "gqa": args.gqa}
+            "drop_blocks": args.drop_blocks, "gqa": args.gqa, "uniform_heads": args.uniform_heads}
 
 
 def _labels(spec: str | None, model):

@@ -1,9 +1,10 @@
 """Runtime configs beside a pruned decoder: a Hugging Face `config.json` or an onnxruntime-genai
 `genai_config.json` with the head counts and FFN width the pruned graph has.
 
-Both formats hold one count per model, so every layer must keep the same number of heads and
-neurons (what `--allocation uniform`, the default, gives); otherwise the config cannot describe
-the model and writing it is refused with the per-layer counts.
+Both formats hold one count per model, so every layer must keep the same number of heads (and,
+where the config holds it, FFN neurons): what `--allocation uniform`, the default, gives, or
+`--allocation global --uniform-heads` for the heads; otherwise the config cannot describe the
+model and writing it is refused with the per-layer counts.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def pruned_sizes(report: Report | dict, config: dict, gqa: str = "kv") -> dict[s
         else:  # the unit is a KV head with its queries / kv query heads
             sizes["num_key_value_heads"] = heads
             sizes["num_attention_heads"] = heads * (queries // kv)
-    neurons = _uniform(after["neuron"], "FFN widths")
+    # only what the config holds must be one count (genai_config has no FFN width)
+    neurons = _uniform(after["neuron"], "FFN widths") if "intermediate_size" in config else None
     if neurons is not None:
         sizes["intermediate_size"] = neurons
-    hidden = _uniform(after["hidden"], "hidden sizes")
+    hidden = _uniform(after["hidden"], "hidden sizes") if "hidden_size" in config else None
     if hidden is not None:
         sizes["hidden_size"] = hidden
     return sizes

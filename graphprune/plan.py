@@ -89,7 +89,7 @@ ALLOCATIONS = ("uniform", "global")
 def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = None,
               threshold: float | None = None, round_to: int | None = None, round_mode: str = "up",
               hidden: bool = False, allocation: str = "uniform", max_group_ratio: float = 0.9,
-              kind_ratios: Mapping[str, float] | None = None) -> Plan:
+              kind_ratios: Mapping[str, float] | None = None, uniform_heads: bool = False) -> Plan:
     """Keep the highest-scored units of each prunable group; never remove every unit. Groups of an
     opt-in kind (the hidden size) are left whole unless `hidden`.
 
@@ -97,6 +97,8 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
     kind (heads with heads, neurons with neurons), lowest first, ranking them across groups by their
     score divided by the mean score of their group, and takes at most `max_group_ratio` of any one
     group. `kind_ratios` overrides `ratio` per unit kind ("head", "neuron", "channel", ...).
+    `uniform_heads`: under `global`, every head group of one size keeps the same number of heads
+    (their mean, rounded), for runtimes whose config holds one head count for all layers.
     """
     validate_budget(ratio, threshold, round_to)
     if allocation not in ALLOCATIONS:
@@ -115,6 +117,8 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
     counts: dict[int, int] = {}
     if ratio is not None and allocation == "global":
         counts = _global_counts(groups, scores, ratio_of, max_group_ratio, round_to, round_mode)
+        if uniform_heads:
+            _equalize(counts, [g for g in groups if g.kind == "head"])
     kept: dict[int, np.ndarray] = {}
     for group in groups:
         values = scores[group.id]
@@ -130,6 +134,18 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
         if keep < group.units:
             kept[group.id] = np.sort(ranking[:keep])
     return Plan(kept)
+
+
+def _equalize(counts: dict[int, int], groups: list[Group]) -> None:
+    """Give groups of the same size the same kept count: their mean, rounded (at least 1)."""
+    by_size: dict[int | None, list[Group]] = {}
+    for group in groups:
+        by_size.setdefault(group.units, []).append(group)
+    for members in by_size.values():
+        kept = [counts.get(g.id, g.units) for g in members]
+        common = max(1, round(sum(kept) / len(kept)))
+        for group in members:
+            counts[group.id] = common
 
 
 def _global_counts(groups: list[Group], scores: Mapping[int, np.ndarray], ratio_of, max_group_ratio: float,

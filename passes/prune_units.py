@@ -46,6 +46,7 @@ class PruneOptions:
     target_flops: float | None = None  # fraction of the FLOPs to keep (replaces ratio)
     target_latency: float | None = None  # fraction of the dense ORT latency (replaces ratio)
     latency_runs: int = 15  # timed runs per candidate for target_latency
+    uniform_heads: bool = False  # global allocation: one head count in every layer
 
 
 @register
@@ -62,7 +63,8 @@ class PruneUnitsPass(RewritePass):
     the ratio; down: Torch-Pruning's convention, remove at least the ratio); hidden (also prune the
     residual stream: the group of normalized feature axes, off by default); allocation (uniform: the
     ratio in every group; global: units of a kind compete across groups by normalized score, at most
-    max_group_ratio of a group); head_ratio, neuron_ratio, channel_ratio (per-kind ratios that
+    max_group_ratio of a group; uniform_heads: every layer keeps the same head count, for runtimes
+    whose config has one); head_ratio, neuron_ratio, channel_ratio (per-kind ratios that
     replace `ratio` for those groups); target_params / target_flops / target_latency (keep about this
     fraction of the parameters / FLOPs / ORT CPU latency: the ratio is found by bisection on dry runs,
     and the result reported; latency is timed against the dense model in turns, latency_runs runs
@@ -99,7 +101,7 @@ class PruneUnitsPass(RewritePass):
     def _plan(self, deps: Dependencies, importance, ratio: float | None):
         return make_plan(deps, importance, ratio, self.options.threshold, self.options.round_to,
                          self.options.round_mode, self.options.hidden, self.options.allocation,
-                         self.options.max_group_ratio, self._kind_ratios())
+                         self.options.max_group_ratio, self._kind_ratios(), self.options.uniform_heads)
 
     def _measure(self, model: Model, am: AnalysisManager, measure: str) -> Callable[[Model], float]:
         """The fraction of the dense model's cost a pruned copy keeps: counted, or timed in ORT."""

@@ -133,3 +133,17 @@ def test_target_latency_measures_for_real(tmp_path) -> None:
                  "--report", str(report)]) == 0
     stats = next(p["stats"] for p in json.loads(report.read_text())["passes"] if p["name"] == "prune-units")
     assert stats["reached_latency"] > 0 and 0 <= stats["ratio"] <= 0.99
+
+
+def test_uniform_heads_give_head_groups_of_one_size_one_count_under_global_allocation() -> None:
+    import dataclasses
+    import types
+
+    _, _, first, second = _setup()
+    heads = [dataclasses.replace(g, kind="head") for g in (first, second)]
+    deps = types.SimpleNamespace(prunable=heads)
+    scores = Importance("test", {first.id: np.ones(6), second.id: np.array([1e-3, 2e-3, 3e-3, 1, 1, 1])})
+    plan = make_plan(deps, scores, ratio=0.25, allocation="global")
+    assert first.id not in plan.kept and len(plan.kept[second.id]) == 3  # 6 and 3 heads kept
+    even = make_plan(deps, scores, ratio=0.25, allocation="global", uniform_heads=True)
+    assert {g: k.tolist() for g, k in even.kept.items()} == {first.id: [0, 1, 2, 3], second.id: [2, 3, 4, 5]}

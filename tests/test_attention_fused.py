@@ -233,11 +233,12 @@ def test_a_pruned_genai_folder_generates_in_onnxruntime_genai(genai_llama, tmp_p
             config["head_dim"]) == (2, 1, 64, 16)
 
 
-def test_a_config_cannot_describe_layers_with_different_head_counts(genai_llama, tmp_path, capsys) -> None:
+def test_a_config_cannot_describe_layers_with_different_counts(genai_llama, tmp_path, capsys) -> None:
+    """Global allocation leaves the layers different FFN widths, which config.json cannot hold."""
     out = tmp_path / "model.onnx"
     assert main(["prune", str(genai_llama), "-o", str(out), "--ratio", "0.5", "--allocation", "global",
-                 "--config", str(genai_llama.parent / "genai_config.json")]) == 1
-    assert "a config holds one count" in capsys.readouterr().err and not out.exists()
+                 "--config", str(genai_llama.parent.parent / "hf" / "config.json")]) == 1
+    assert "layers keep different FFN widths" in capsys.readouterr().err and not out.exists()
 
 
 def test_generate_command(genai_llama, eager_bert, capsys) -> None:
@@ -247,3 +248,13 @@ def test_generate_command(genai_llama, eager_bert, capsys) -> None:
     assert printed == ",".join(map(str, expected[0]))
     assert main(["generate", str(eager_bert), "--ids", "5", "--tokens", "2"]) == 1
     assert "no KV cache" in capsys.readouterr().err
+
+
+def test_uniform_heads_give_every_layer_one_head_count_under_global_allocation(genai_llama, tmp_path) -> None:
+    out = tmp_path / "model.onnx"
+    assert main(["prune", str(genai_llama), "-o", str(out), "--ratio", "0.5", "--allocation", "global",
+                 "--uniform-heads", "--config", str(genai_llama.parent / "genai_config.json")]) == 0
+    heads = _head_attributes(onnx.load(out))
+    assert len({tuple(h.items()) for h in heads}) == 1 and heads[0]["kv_num_heads"] == 1
+    decoder = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["num_key_value_heads"] == 1 and decoder["num_attention_heads"] == 2
