@@ -25,7 +25,7 @@ def test_parse_pipeline_with_options_and_aliases() -> None:
     assert passes[1].options.kind == "l1" and passes[1].options.seed == 3
     assert passes[2].options.ratio == 0.5 and passes[2].options.round_to == 8
     assert passes[2].options.threshold is None
-    assert repr(passes[2]) == "prune-units{ratio=0.5,threshold=None,round_to=8,round_mode=up,hidden=False,allocation=uniform,max_group_ratio=0.9,head_ratio=None,neuron_ratio=None,channel_ratio=None,target_params=None,target_flops=None,target_latency=None,latency_runs=15}"
+    assert repr(passes[2]) == "prune-units{ratio=0.5,threshold=None,round_to=8,round_mode=up,hidden=False,allocation=uniform,max_group_ratio=0.9,head_ratio=None,neuron_ratio=None,channel_ratio=None,target_params=None,target_flops=None,target_latency=None,latency_runs=15,uniform_heads=False}"
 
 
 @pytest.mark.parametrize("text,message", [
@@ -34,7 +34,7 @@ def test_parse_pipeline_with_options_and_aliases() -> None:
     ("importance{kind=l3}", "'l3' is not one of l1, l2, random, saliency"),
     ("prune{ratio}", "needs the form key=value"),
     ("prune{ratio=0.5", "unbalanced '{'"),
-    ("prune{bogus=1}", "pass 'prune-units' has no option 'bogus' (options: ratio, threshold, round_to, round_mode, hidden, allocation, max_group_ratio, head_ratio, neuron_ratio, channel_ratio, target_params, target_flops, target_latency, latency_runs)"),
+    ("prune{bogus=1}", "pass 'prune-units' has no option 'bogus' (options: ratio, threshold, round_to, round_mode, hidden, allocation, max_group_ratio, head_ratio, neuron_ratio, channel_ratio, target_params, target_flops, target_latency, latency_runs, uniform_heads)"),
     ("prune{round_to=2.5}", "'2.5' is not a valid int"),
     ("deps{x=1}", "has no option 'x' (options: gqa)"),
 ])
