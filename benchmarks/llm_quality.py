@@ -9,8 +9,9 @@ The default export (SDPA, dynamo, no cache). Text: Python's bundled documentatio
 windows; evaluation: the last `--eval` windows of the documentation (never calibrated on) and
 `--eval` windows of other sources (`models/minilm.other_sentences()`: scikit-learn's data-set
 descriptions and the system's licence texts). Perplexity as `graphprune eval` computes it.
-Variants at `--ratio`: magnitude (l2), activation, activation with `--round-mode down` (then one of
-the 3 KV heads of every layer goes), and the same with `--gqa query` (one query head of each KV head).
+Variants at `--ratio`: magnitude (l2), activation (= Wanda-sp), FLAP's fluctuation metric (no bias
+compensation yet), activation with `--round-mode down` (then one of the 3 KV heads of every layer
+goes), and the same with `--gqa query` (one query head of each KV head).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from graphprune.perplexity import causal_feeds, perplexity, text_windows
 def variants(ratio: float) -> dict[str, dict]:
     return {
         "l2": {"ratio": ratio, "importance": "l2"},
-        "activation": {"ratio": ratio, "importance": "activation"},
+        "activation (wanda-sp)": {"ratio": ratio, "importance": "activation"},
+        "flap (fluctuation only)": {"ratio": ratio, "importance": "flap"},
         "activation, round down": {"ratio": ratio, "importance": "activation", "round_mode": "down"},
         "activation, gqa query, round down": {"ratio": ratio, "importance": "activation", "round_mode": "down",
                                               "gqa": "query"},

@@ -70,9 +70,11 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
     """What `prune` and `sweep` share: scores, calibration, rounding, allocation, recovery."""
     p.add_argument("--upgrade-opset", action="store_true",
                    help="convert a model older than opset 11 to opset 17 first (onnx.version_converter)")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"),
-                   help="unit score (default: activation with a --calib .npz, else l2); activation: weights times activation norms on --calib data; "
-                        "taylor: first-order loss change, by gradients through the lowered graph (task loss "
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "wanda-sp", "flap", "taylor", "fisher",
+                                            "obs"),
+                   help="unit score (default: activation with a --calib .npz, else l2); activation (= wanda-sp): "
+                        "weights times activation norms on --calib data; flap: activation variance times squared "
+                        "weights (FLAP's fluctuation metric); taylor: first-order loss change, by gradients through the lowered graph (task loss "
                         "when the --calib .npz has a 'labels' array, else output change along random "
                         "directions); fisher: its squared form; obs: the units the next layer, refit by least "
                         "squares, misses least (structured Optimal Brain Surgeon; pair with --reconstruct)")
@@ -133,7 +135,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
     budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "taylor", "fisher", "obs"), default="l2")
+    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "wanda-sp", "flap", "taylor", "fisher",
+                                            "obs"), default="l2")
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
     p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")

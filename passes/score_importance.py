@@ -22,7 +22,7 @@ from graphprune.weights import release
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["l1", "l2", "random", "saliency", "activation", "taylor", "fisher", "obs"]
+Kind = Literal["l1", "l2", "random", "saliency", "activation", "wanda-sp", "flap", "taylor", "fisher", "obs"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,11 @@ class ScoreImportancePass(AnalysisPass):
     in `am.context["saliency"]` (e.g. the Taylor terms dL/dw * w from torch autograd).
     Changes/Preserves: nothing (analysis). Result: `Importance`.
     Options: kind = l1 (sum |w|) | l2 (sqrt of sum w^2) | random (baseline, seeded) | saliency
-    (|sum of the given per-weight contributions| per unit) | activation (Wanda-style: weights that
-    consume the unit times its activation norms on `am.context["calibration"]`, or on seeded
-    random inputs when none is given; see graphprune.activation) | taylor (first-order change of the
+    (|sum of the given per-weight contributions| per unit) | activation or wanda-sp (Wanda-sp:
+    weights that consume the unit times its activation norms on `am.context["calibration"]`, or on
+    seeded random inputs when none is given; see graphprune.activation) | flap (FLAP's fluctuation:
+    the variance of the unit's activations times the squared weights that consume them; the
+    bias compensation and standardized allocation of the FLAP paper are not part of it) | taylor (first-order change of the
     loss when the unit goes, by gradients through the lowered graph on the same calibration inputs:
     the task loss when `am.context["labels"]` holds labels, else the output change along random
     directions; see graphprune.taylor) | fisher (the same, squared before averaging) | obs (the
@@ -80,15 +82,16 @@ class ScoreImportancePass(AnalysisPass):
                               "(pass saliency=... to graphprune.prune)")
         tensors = model.tensors()
         scores: dict[int, np.ndarray] = {}
-        if kind in ("activation", "taylor", "fisher", "obs"):
+        if kind in ("activation", "wanda-sp", "flap", "taylor", "fisher", "obs"):
             feeds = am.context.get("calibration")
             if feeds is None:
                 logger.info("no calibration data: %s scores use %d seeded random samples", kind, RANDOM_SAMPLES)
                 feeds = random_calibration(model.to_onnx(), seed=self.options.seed)
-            if kind in ("activation", "obs"):
+            if kind in ("activation", "wanda-sp", "flap", "obs"):
                 scores = obs_scores(model, deps, feeds) if kind == "obs" else {}
                 # activation scores for the groups OBS does not cover
-                scores |= activation_scores(model, deps, feeds, skip=set(scores))
+                scores |= activation_scores(model, deps, feeds, skip=set(scores),
+                                            statistic="fluctuation" if kind == "flap" else "norm")
             else:
                 scores = taylor_scores(model, deps, feeds, seed=self.options.seed, squared=kind == "fisher",
                                        labels=am.context.get("labels"))

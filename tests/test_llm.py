@@ -137,3 +137,35 @@ def test_causal_calibration_windows_drive_calibrated_pruning_of_a_cache_model(ge
     assert main(["eval", str(out), "--data", str(calib), "--windows", "8", "--report", str(ppl)]) == 0
     result = json.loads(ppl.read_text())
     assert result["windows"] == 8 and result["tokens"] == 8 * 31 and np.isfinite(result["perplexity"])
+
+
+def test_flap_scores_a_constant_unit_zero_where_wanda_sp_scores_it_high() -> None:
+    """A unit whose activation never changes (it reads only a constant input feature) loses
+    nothing a bias could not give back: FLAP's fluctuation scores it 0, Wanda-sp by its norm."""
+    import numpy as np
+
+    from graphprune import api
+    from graphprune.testing import model_from_text
+
+    model = model_from_text("""
+# weights: w1 w2
+<ir_version: 10, opset_import: ["" : 20]>
+two (float[N, 4] x, float[4, 6] w1, float[6, 3] w2) => (float[N, 3] y)
+{
+  a = MatMul (x, w1)
+  y = MatMul (a, w2)
+}""")
+    consts = model.constants()
+    w1 = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    w1[:, 0] = [0, 0, 0, 1]  # unit 0 reads the constant feature only
+    w1[3, 1:] = 0
+    consts["w1"].values = w1
+    x = np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32)
+    x[:, 3] = 5.0
+    scores = {}
+    for kind in ("flap", "wanda-sp", "activation"):
+        work = model.copy()
+        report = api.prune(work, ratio=1 / 6, importance=kind, calibration={"x": x}, round_to=1)
+        scores[kind] = next(g["scores"] for g in report.groups if g["units_before"] == 6)
+    assert scores["flap"][0] < 1e-6 * max(scores["flap"]) and np.argmin(scores["flap"]) == 0
+    assert scores["wanda-sp"] == scores["activation"] and np.argmin(scores["activation"]) != 0
