@@ -551,8 +551,8 @@ def cmd_calib(args: argparse.Namespace) -> int:
         from graphprune import runtime
         from graphprune.perplexity import causal_feeds
 
-        args.window, args.windows, args.data = args.seq, args.samples, None
-        feeds = causal_feeds(model, _windows(args), runtime.implied_dims(model.to_onnx()))
+        windows = _windows(args.text, args.tokenizer, args.seq, args.samples)
+        feeds = causal_feeds(model, windows, runtime.implied_dims(model.to_onnx()))
     else:
         names = [v.name for v in model_inputs(model.to_onnx())]
         feeds = text_calibration(args.text, args.tokenizer, names, seq=args.seq, samples=args.samples)
@@ -600,28 +600,28 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _windows(args: argparse.Namespace):
-    """Token windows from --text/--tokenizer or --data, as `eval` and `calib --causal` take them."""
+def _windows(text: Path | None, tokenizer: str | None, window: int, limit: int | None, data: Path | None = None):
+    """Token windows of a text file (with a tokenizer) or from an .npz's input_ids, as `eval` and
+    `calib --causal` take them."""
     import numpy as np
 
     from graphprune.calib import CalibrationError, load_tokenizer
     from graphprune.perplexity import text_windows
 
-    if args.data is not None:
+    if data is not None:
         try:
-            with np.load(args.data) as data:
-                ids = np.asarray(data["input_ids"])
+            with np.load(data) as arrays:
+                ids = np.asarray(arrays["input_ids"])
         except (OSError, ValueError, KeyError) as exc:
-            raise CalibrationError(f"cannot read input_ids from {args.data}: {first_line(exc)}") from exc
+            raise CalibrationError(f"cannot read input_ids from {data}: {first_line(exc)}") from exc
         if ids.ndim != 2:
-            raise CalibrationError(f"{args.data}: input_ids must be [windows, tokens], got {list(ids.shape)}")
-        return ids[:args.windows] if args.windows else ids
-    if not args.text.is_file():
-        raise CalibrationError(f"text file {args.text} does not exist")
-    if args.tokenizer is None:
+            raise CalibrationError(f"{data}: input_ids must be [windows, tokens], got {list(ids.shape)}")
+        return ids[:limit] if limit else ids
+    if not text.is_file():
+        raise CalibrationError(f"text file {text} does not exist")
+    if tokenizer is None:
         raise OptionError("--text needs --tokenizer")
-    return text_windows(args.text.read_text(errors="replace"), load_tokenizer(args.tokenizer), args.window,
-                        args.windows)
+    return text_windows(text.read_text(errors="replace"), load_tokenizer(tokenizer), window, limit)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -629,7 +629,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from graphprune.perplexity import perplexity
 
-    windows = _windows(args)
+    windows = _windows(args.text, args.tokenizer, args.window, args.windows, args.data)
     model = load_model(args.model)
     columns = (TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress.enabled(console)) as bar:
