@@ -24,10 +24,10 @@ from collections.abc import Collection
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune import runtime
-from graphprune.calib import batches, dynamic_sequence, positions
+from graphprune.calib import positions
 from graphprune.deps import Dependencies, Group, Member
 from graphprune.ir import Model
+from graphprune.stream import collect
 
 logger = logging.getLogger(__name__)
 
@@ -65,60 +65,70 @@ def _element_weight_sums(values: np.ndarray, member: Member, power: int = 1) -> 
 STATISTICS = ("norm", "fluctuation")
 
 
-def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray],
-                      skip: Collection[int] = (), statistic: str = "norm") -> dict[int, np.ndarray]:
-    """Scores for every prunable group that has consumer pairs (and is not in `skip`); other groups
-    are left out. `statistic`: see the module doc."""
-    pairs = {g.id: consumer_pairs(model, g) if g.id not in skip else [] for g in deps.prunable}
-    needed = {a.tensor for group_pairs in pairs.values() for a, _ in group_pairs}
-    if not needed:
-        return {}
-    tensors = model.tensors()
-    proto = runtime.with_outputs(model.to_onnx(), {name: tensors[name].dtype for name in needed})
-    names = sorted(needed)
-    session = runtime.session(proto, threads=2)
-    squares: dict[str, np.ndarray] = {}
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, float] = {}
-    members = defaultdict(set)
-    for group_pairs in pairs.values():
-        for act, _ in group_pairs:
-            members[act.tensor].add(act.axis)
-    for batch in batches(feeds, BATCH, trim=dynamic_sequence(proto)):
-        for name, value in zip(names, session.run(names, batch), strict=True):
+class ActivationStatistics:
+    """Accumulates the activation statistic of every prunable group with consumer pairs (and not in
+    `skip`) from the tensors in `tensors`, batch by batch (`add`); `scores` then scores them."""
+
+    def __init__(self, model: Model, deps: Dependencies, skip: Collection[int] = (), statistic: str = "norm") -> None:
+        self.model, self.deps, self.statistic = model, deps, statistic
+        self.pairs = {g.id: consumer_pairs(model, g) if g.id not in skip else [] for g in deps.prunable}
+        self.tensors = {a.tensor for group_pairs in self.pairs.values() for a, _ in group_pairs}
+        self.axes: dict[str, set[int]] = defaultdict(set)
+        for group_pairs in self.pairs.values():
+            for act, _ in group_pairs:
+                self.axes[act.tensor].add(act.axis)
+        self.squares: dict[str, np.ndarray] = {}
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, batch: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            if name not in self.tensors:
+                continue
             value = np.asarray(value, np.float64)
             mask = positions(batch, value)
             if mask is not None:  # padding positions count as zero
                 value = value * mask.reshape(mask.shape + (1,) * (value.ndim - 2))
-            for axis in members[name]:
+            for axis in self.axes[name]:
                 rows = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
                 key = f"{name}#{axis}"
-                squares[key] = squares.get(key, 0) + np.square(rows).sum(axis=1)
-                if statistic == "fluctuation":
-                    sums[key] = sums.get(key, 0) + rows.sum(axis=1)
+                self.squares[key] = self.squares.get(key, 0) + np.square(rows).sum(axis=1)
+                if self.statistic == "fluctuation":
+                    self.sums[key] = self.sums.get(key, 0) + rows.sum(axis=1)
                     # positions counted: all but the padding ones
                     counted = rows.shape[1] if mask is None else float(np.sum(mask)) * rows.shape[1] / mask.size
-                    counts[key] = counts.get(key, 0.0) + counted
-    consts = model.constants()
-    scores: dict[int, np.ndarray] = {}
-    for group in deps.prunable:
-        if not pairs[group.id]:
-            continue
-        total = np.zeros(group.units)
-        for act, weight in pairs[group.id]:
-            key = f"{act.tensor}#{act.axis}"
-            if statistic == "fluctuation":
-                count = max(counts[key], 1.0)
-                mean = sums[key][act.start:act.stop] / count
-                spread = np.maximum(squares[key][act.start:act.stop] / count - np.square(mean), 0.0)
-                contribution = spread * _element_weight_sums(consts[weight.tensor].values, weight, power=2)
-            else:
-                norms = np.sqrt(squares[key][act.start:act.stop])
-                contribution = norms * _element_weight_sums(consts[weight.tensor].values, weight)
-            if act.repeats == 1:
-                total += contribution.reshape(group.units, -1).sum(axis=1)
-            else:  # [repeats, units, unit_len] (packed QKV): every repeat of a unit counts
-                total += contribution.reshape(act.repeats, group.units, -1).sum(axis=(0, 2))
-        scores[group.id] = total
-    logger.debug("activation scores for %d of %d groups", len(scores), len(deps.prunable))
-    return scores
+                    self.counts[key] = self.counts.get(key, 0.0) + counted
+
+    def scores(self) -> dict[int, np.ndarray]:
+        consts = self.model.constants()
+        scores: dict[int, np.ndarray] = {}
+        for group in self.deps.prunable:
+            if not self.pairs[group.id]:
+                continue
+            total = np.zeros(group.units)
+            for act, weight in self.pairs[group.id]:
+                key = f"{act.tensor}#{act.axis}"
+                if self.statistic == "fluctuation":
+                    count = max(self.counts[key], 1.0)
+                    mean = self.sums[key][act.start:act.stop] / count
+                    spread = np.maximum(self.squares[key][act.start:act.stop] / count - np.square(mean), 0.0)
+                    contribution = spread * _element_weight_sums(consts[weight.tensor].values, weight, power=2)
+                else:
+                    norms = np.sqrt(self.squares[key][act.start:act.stop])
+                    contribution = norms * _element_weight_sums(consts[weight.tensor].values, weight)
+                if act.repeats == 1:
+                    total += contribution.reshape(group.units, -1).sum(axis=1)
+                else:  # [repeats, units, unit_len] (packed QKV): every repeat of a unit counts
+                    total += contribution.reshape(act.repeats, group.units, -1).sum(axis=(0, 2))
+            scores[group.id] = total
+        logger.debug("activation scores for %d of %d groups", len(scores), len(self.deps.prunable))
+        return scores
+
+
+def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray],
+                      skip: Collection[int] = (), statistic: str = "norm") -> dict[int, np.ndarray]:
+    """Scores for every prunable group that has consumer pairs (and is not in `skip`); other groups
+    are left out. `statistic`: see the module doc."""
+    statistics = ActivationStatistics(model, deps, skip, statistic)
+    collect(model, feeds, [statistics], BATCH)
+    return statistics.scores()

@@ -63,8 +63,13 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         for key, value in (("head_ratio", head_ratio), ("neuron_ratio", ffn_ratio), ("channel_ratio", channel_ratio)):
             rounding += "" if value is None else f",{key}={value}"
         deps = "deps" if gqa == "kv" else f"deps{{gqa={gqa}}}"
-        stages += ["unshare", deps, f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
-        stages += ["reconstruct"] if reconstruct else []
+        if reconstruct and importance == "obs" and ratio is not None and allocation == "uniform" \
+                and not uniform_heads:
+            # scores, removal and refit in one pass over the calibration data, layer by layer
+            stages += ["unshare", deps, f"prune-sequential{{{budget}{rounding}}}"]
+        else:
+            stages += ["unshare", deps, f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
+            stages += ["reconstruct"] if reconstruct else []
     if unstructured:
         amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
         stages.append(f"sparsify{{{amount}}}")

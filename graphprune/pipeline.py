@@ -347,6 +347,7 @@ class PassManager:
                 self.am.context.update(feeds=feeds, dense_outputs=dense, output_shapes=shapes)
             if isinstance(p, RewritePass) and outcome.modified:
                 self.am.invalidate()
+                self.am.context.pop(LAST_VERIFICATION, None)
                 if self.verify:
                     tolerance = LOSSLESS_TOLERANCE if p.lossless else None
                     try:
@@ -356,6 +357,7 @@ class PassManager:
                                                 f"{exc}{_after(done)}") from exc
                     if check.max_abs_diff is not None:
                         outcome.stats.setdefault("output_change", check.max_abs_diff)
+                    self.am.context[LAST_VERIFICATION] = check  # verify-model needs no second run
             _update_groups(report, outcome.stats.pop("group_units", None))
             report.passes.append(PassRecord(p.name, round(seconds, 4), outcome.modified, outcome.stats))
             done.append(p.name)
@@ -379,6 +381,8 @@ def take_state(arrays: dict[str, np.ndarray], state: dict[str, dict[int, list[in
     return {name: _take_axes(value, state[name]) if name in state else value for name, value in arrays.items()}
 
 
+#: am.context key: the verification of the model as it is now (set after a rewrite verified)
+LAST_VERIFICATION = "last_verification"
 #: am.context key: the state inputs and outputs that lost units so far (name -> axis -> kept)
 STATE = "state"
 

@@ -70,12 +70,15 @@ def hf_folder() -> Path:
     return folder
 
 
-def load(attention: str = "default"):
+def load(attention: str = "default", layers: int | None = None):
     """The fp32 LlamaForCausalLM in eval mode; `attention="default"` is what transformers picks
-    when the user names none (SDPA), else an `attn_implementation` ("eager", "sdpa")."""
+    when the user names none (SDPA), else an `attn_implementation` ("eager", "sdpa"). `layers`:
+    only the first so many decoder layers (for depth-scaling benchmarks)."""
     import transformers
 
     options = {} if attention == "default" else {"attn_implementation": attention}
+    if layers is not None:
+        options["num_hidden_layers"] = layers  # the checkpoint's later layers are left unread
     return transformers.LlamaForCausalLM.from_pretrained(hf_folder(), **options).eval()
 
 
@@ -100,15 +103,16 @@ def _logits_module(model):
     return Logits().eval()
 
 
-def export_plain(path: Path, attention: str = "default", exporter: str = "dynamo") -> Path:
-    """SmolLM2 without a cache (input_ids, attention_mask -> logits), dynamic batch and sequence."""
+def export_plain(path: Path, attention: str = "default", exporter: str = "dynamo", layers: int | None = None) -> Path:
+    """SmolLM2 without a cache (input_ids, attention_mask -> logits), dynamic batch and sequence;
+    `layers`: only the first so many decoder layers."""
     import torch
 
     from graphprune.frontend import from_torch
     from graphprune.ir import save_model
 
     example = (torch.randint(0, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
-    model = from_torch(_logits_module(load(attention)), example, input_names=["input_ids", "attention_mask"],
+    model = from_torch(_logits_module(load(attention, layers)), example, input_names=["input_ids", "attention_mask"],
                        dynamic_axes=(0, 1), exporter=exporter)
     return save_model(model, path)
 

@@ -3,6 +3,7 @@
 from graphprune.passes.analyze_deps import AnalyzeDepsPass
 from graphprune.passes.cleanup_graph import CleanupGraphPass
 from graphprune.passes.drop_blocks import DropBlocksPass
+from graphprune.passes.prune_sequential import PruneSequentialPass
 from graphprune.passes.prune_units import PruneUnitsPass
 from graphprune.passes.reconstruct import ReconstructPass
 from graphprune.passes.score_importance import ScoreImportancePass
@@ -14,6 +15,7 @@ __all__ = [
     "AnalyzeDepsPass",
     "CleanupGraphPass",
     "DropBlocksPass",
+    "PruneSequentialPass",
     "PruneUnitsPass",
     "ReconstructPass",
     "ScoreImportancePass",

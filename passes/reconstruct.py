@@ -18,18 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune import runtime
-from graphprune.calib import (
-    RANDOM_SAMPLES,
-    batches,
-    dynamic_sequence,
-    positions,
-    random_calibration,
-    token_rows,
-)
+from graphprune.calib import RANDOM_SAMPLES, positions, random_calibration, token_rows
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import STATE, AnalysisManager, PassResult, RewritePass, register, take_state
+from graphprune.stream import Walk
 from graphprune.weights import replacement
 
 logger = logging.getLogger(__name__)
@@ -182,41 +175,6 @@ def _bias(node: gs.Node) -> np.ndarray | None:
     return None
 
 
-class _DenseTargets:
-    """The dense model's outputs of every consumer (and residual skips) per calibration batch, as
-    token rows: computed in one dense run per batch and kept (as float32) when they fit in
-    CACHE_BYTES, else recomputed for each consumer."""
-
-    def __init__(self, dense: Model, consumers: list[Consumer], skips: dict[str, str],
-                 feeds: dict[str, np.ndarray], batch: int) -> None:
-        self.names = list(dict.fromkeys([c.y for c in consumers] + list(skips.values())))
-        proto = runtime.with_outputs(dense.to_onnx(), dict.fromkeys(self.names, np.float32))
-        self.session = runtime.session(proto, threads=2)
-        self.feeds, self.batch, self.trim = feeds, batch, dynamic_sequence(proto)
-        self.cache: list[dict[str, np.ndarray]] | None = []
-        size = 0
-        for index, chunk in enumerate(self.batches()):
-            values = {n: output_rows(chunk, v, index).astype(np.float32) for n, v in
-                      zip(self.names, self.session.run(self.names, chunk), strict=True)}
-            size += sum(v.nbytes for v in values.values())
-            if size > CACHE_BYTES:
-                self.cache = None
-                break
-            self.cache.append(values)
-
-    def batches(self):
-        return batches(self.feeds, self.batch, trim=self.trim)
-
-    def get(self, index: int, name: str, batch: dict[str, np.ndarray]) -> np.ndarray:
-        if self.cache is not None:
-            return self.cache[index][name].astype(np.float64)
-        return output_rows(batch, np.asarray(self.session.run([name], batch)[0], np.float64), index)
-
-
-#: the dense targets are kept in memory up to this size (else recomputed per consumer)
-CACHE_BYTES = 2 << 30
-
-
 @dataclass(frozen=True)
 class ReconstructOptions:
     damp: float = 0.01  # ridge: damp x mean diagonal of X^T X
@@ -254,59 +212,79 @@ class ReconstructPass(RewritePass):
         if not consumers:
             return PassResult(False, {"layers_refit": 0})
         skips = {c.y: c.residual for c in consumers if c.residual and self.options.residual}
-        targets = _DenseTargets(dense, consumers, skips, feeds, self.options.batch)
-        # one session for every refit: the consumers' weights are inputs, fed as they are refit
-        weights = {c.weight: np.asarray(model.constants()[c.weight].values) for c in consumers}
-        outputs = dict.fromkeys([c.x for c in consumers] + list(skips.values()), np.float32)
-        proto = runtime.with_outputs(runtime.with_weight_inputs(model.to_onnx(), set(weights)), outputs)
-        session = runtime.session(proto, threads=2)
         state = am.context.get(STATE, {})  # a KV cache that lost heads: the pruned model's feeds lose them too
+        # both models stream through the calibration data side by side, one consumer at a time: the
+        # pruned one runs each stretch after the consumers in it were refit
+        dense_walk = Walk(dense, [c.y for c in consumers] + list(skips.values()), feeds, self.options.batch)
+        pruned_walk = Walk(model, [c.x for c in consumers] + list(skips.values()), take_state(feeds, state),
+                           self.options.batch)
+        dense_nodes = _nodes_by_weight(dense)
+        pruned_nodes = _nodes_by_weight(model)
         errors = []
         for index, consumer in enumerate(consumers):
-            errors.append(self._refit(model, consumer, session, weights, targets, skips.get(consumer.y), state))
+            node, dense_node = pruned_nodes[consumer.weight], dense_nodes[consumer.weight]
+            _drain(pruned_walk.advance(until=node))
+            _drain(dense_walk.advance(until=dense_node))
+            skip = skips.get(consumer.y)
+            dense_skips = [dense_walk.live(b)[skip] for b in range(len(dense_walk))] if skip else None
+            dense_ys = [values[consumer.y] for _, values in dense_walk.advance(through=dense_node)]
+            errors.append(self._refit(node, consumer, pruned_walk, dense_ys, dense_skips, skip))
             logger.info("reconstruct %d/%d: %s, relative error %.4g -> %.4g", index + 1, len(consumers),
                         consumer.weight, *errors[-1])
+        peak = max(dense_walk.store.peak, pruned_walk.store.peak)
+        dense_walk.close()
+        pruned_walk.close()
         return PassResult(True, {"layers_refit": len(consumers),
                                  "relative_error_before": [round(b, 6) for b, _ in errors],
-                                 "relative_error_after": [round(a, 6) for _, a in errors]})
+                                 "relative_error_after": [round(a, 6) for _, a in errors],
+                                 "stream_peak_mib": round(peak / 2**20, 1)})
 
-    def _refit(self, model: Model, consumer: Consumer, session, weights: dict[str, np.ndarray],
-               targets: _DenseTargets, skip: str | None, state: dict) -> tuple[float, float]:
-        node = next(n for n in model.graph.nodes if n.op in CONSUMER_OPS and n.inputs[1].name == consumer.weight)
+    def _refit(self, node: gs.Node, consumer: Consumer, walk: Walk, dense_ys: list[np.ndarray],
+               dense_skips: list[np.ndarray] | None, skip: str | None) -> tuple[float, float]:
+        """Refits one consumer on the pruned model's inputs to it (the walk stands right before it)."""
         weight = node.inputs[1]
         w = consumer.weight_rows(np.asarray(weight.values, np.float64))
         bias = _bias(node)
-        wanted = [consumer.x] + ([skip] if skip else [])
         gram = np.zeros((w.shape[0], w.shape[0]))
         cross = np.zeros_like(w)
-        target_energy = residual = 0.0
+        target_energy = 0.0
         rows = 0
-        for index, batch in enumerate(targets.batches()):
-            got = [np.asarray(v, np.float64) for v in session.run(wanted, take_state(batch, state) | weights)]
-            x = consumer.input_rows(batch, got[0], index)
-            y = _features(targets.get(index, consumer.y, batch), consumer.columns)
+        for index, batch in enumerate(walk.batches):
+            live = walk.live(index)
+            x = consumer.input_rows(batch, np.asarray(live[consumer.x], np.float32), index)
+            y = _features(output_rows(batch, np.asarray(dense_ys[index], np.float64), index), consumer.columns)
             if skip:  # the dense sum is y + skip: the pruned output also makes up for the skip's drift
-                dense_skip = _features(targets.get(index, skip, batch), consumer.residual_columns)
-                y = y + dense_skip - output_rows(batch, got[1], index)
+                dense_skip = _features(output_rows(batch, np.asarray(dense_skips[index], np.float64), index),
+                                       consumer.residual_columns)
+                y = y + dense_skip - output_rows(batch, np.asarray(live[skip], np.float64), index)
             if bias is not None:
                 y = y - bias
-            gram += x.T @ x
-            cross += x.T @ y
+            gram += x.T @ x  # float32 products of one batch, summed in float64
+            cross += x.T @ y.astype(np.float32)
             rows += len(x)
-            residual += float(np.sum(np.square(x @ w - y)))
             target_energy += float(np.sum(np.square(y)))
         scale = max(target_energy, 1e-30)
+        # ||X W - Y||^2 from the sums, without another pass over the data
+        residual = max(float(np.sum(w * (gram @ w)) - 2 * np.sum(w * cross)) + target_energy, 0.0)
         if rows < len(gram):  # fewer samples than inputs: a refit would memorize the calibration
             logger.warning("reconstruct: %s kept as is: %d calibration rows for %d inputs (give more --calib samples)",
                            consumer.weight, rows, len(gram))
             return residual / scale, residual / scale
         ridge = self.options.damp * float(np.mean(np.diag(gram))) + 1e-12
         refit = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross)
-        # the same data gives the error after the refit without another pass over it
         after = float(np.sum(refit * (gram @ refit)) - 2 * np.sum(refit * cross)) + target_energy
         if not after < residual:  # the ridge term can cost more than it gains: keep what was there
             return residual / scale, residual / scale
         weight.values = replacement(weight.values, np.ascontiguousarray(
             consumer.weight_values(refit, weight.values.shape).astype(weight.values.dtype)))
-        weights[consumer.weight] = weight.values
         return residual / scale, max(after, 0.0) / scale
+
+
+def _nodes_by_weight(model: Model) -> dict[str, gs.Node]:
+    return {n.inputs[1].name: n for n in model.graph.nodes
+            if n.op in CONSUMER_OPS and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)}
+
+
+def _drain(steps) -> None:
+    for _ in steps:
+        pass

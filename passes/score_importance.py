@@ -9,14 +9,15 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.activation import activation_scores
+from graphprune.activation import BATCH, ActivationStatistics
 from graphprune.calib import RANDOM_SAMPLES, random_calibration
 from graphprune.deps import Group
 from graphprune.errors import OptionError
 from graphprune.ir import Model
-from graphprune.obs import obs_scores
+from graphprune.obs import ObsStatistics
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 from graphprune.plan import Importance, unit_rows
+from graphprune.stream import collect
 from graphprune.taylor import taylor_scores
 from graphprune.weights import release
 
@@ -88,10 +89,12 @@ class ScoreImportancePass(AnalysisPass):
                 logger.info("no calibration data: %s scores use %d seeded random samples", kind, RANDOM_SAMPLES)
                 feeds = random_calibration(model.to_onnx(), seed=self.options.seed)
             if kind in ("activation", "wanda-sp", "flap", "obs"):
-                scores = obs_scores(model, deps, feeds) if kind == "obs" else {}
-                # activation scores for the groups OBS does not cover
-                scores |= activation_scores(model, deps, feeds, skip=set(scores),
-                                            statistic="fluctuation" if kind == "flap" else "norm")
+                obs = ObsStatistics(model, deps) if kind == "obs" else None
+                # activation scores for the groups OBS does not cover, from the same pass over the data
+                activation = ActivationStatistics(model, deps, skip=set(obs.chosen) if obs else (),
+                                                  statistic="fluctuation" if kind == "flap" else "norm")
+                collect(model, feeds, [c for c in (obs, activation) if c is not None], BATCH)
+                scores = (obs.scores() if obs else {}) | activation.scores()
             else:
                 scores = taylor_scores(model, deps, feeds, seed=self.options.seed, squared=kind == "fisher",
                                        labels=am.context.get("labels"))

@@ -125,14 +125,17 @@ def test_causal_calibration_windows_drive_calibrated_pruning_of_a_cache_model(ge
     with np.load(calib) as data:
         assert data["input_ids"].shape == (62, 32) and data["attention_mask"].min() == 1
         assert data["past_key_values.0.key"].shape == (62, 2, 0, 16)
-    out, report_path = tmp_path / "p.onnx", tmp_path / "r.json"
-    assert main(["prune", str(genai_llama), "-o", str(out), "--ratio", "0.5", "--calib", str(calib),
-                 "--importance", "obs", "--reconstruct", "--report", str(report_path)]) == 0
-    report = json.loads(report_path.read_text())
-    assert report["verified"] and report["state"]
-    refit = next(p["stats"] for p in report["passes"] if p["name"] == "reconstruct")
-    assert refit["layers_refit"] == 4
-    assert all(a < b for a, b in zip(refit["relative_error_after"], refit["relative_error_before"], strict=True))
+    # uniform allocation: one sequential pass (prune-sequential); global: score, prune, then reconstruct
+    for allocation, refit_pass in (("uniform", "prune-sequential"), ("global", "reconstruct")):
+        out, report_path = tmp_path / "p.onnx", tmp_path / "r.json"
+        assert main(["prune", str(genai_llama), "-o", str(out), "--ratio", "0.5", "--calib", str(calib),
+                     "--importance", "obs", "--reconstruct", "--allocation", allocation,
+                     "--report", str(report_path)]) == 0
+        report = json.loads(report_path.read_text())
+        assert report["verified"] and report["state"]
+        refit = next(p["stats"] for p in report["passes"] if p["name"] == refit_pass)
+        assert refit["layers_refit"] == 4
+        assert all(a < b for a, b in zip(refit["relative_error_after"], refit["relative_error_before"], strict=True))
     ppl = tmp_path / "ppl.json"
     assert main(["eval", str(out), "--data", str(calib), "--windows", "8", "--report", str(ppl)]) == 0
     result = json.loads(ppl.read_text())
