@@ -133,8 +133,10 @@ def test_minilm_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert dense["params"] > quarter["params"] > half["params"] == magnitude["params"]
     assert half["report"]["verified"] and quarter["report"]["verified"]
     assert 0 < half["cosine_to_dense"] < quarter["cosine_to_dense"] < 1
-    passes = [p["name"] for p in half["report"]["passes"]]
-    assert "reconstruct" in passes and "reconstruct" not in [p["name"] for p in magnitude["report"]["passes"]]
+    # obs + reconstruct at a uniform ratio: one sequential pass that refits every pruned layer
+    refit = next(p["stats"] for p in half["report"]["passes"] if p["name"] == "prune-sequential")
+    assert refit["layers_refit"] == 12  # 6 attention output and 6 FFN down projections
+    assert not any("layers_refit" in p["stats"] for p in magnitude["report"]["passes"])
     for name in ("dense.onnx", "pruned-25.onnx", "pruned-50.onnx", "pruned-50-magnitude.onnx"):
         onnx.checker.check_model(str(tmp_path / "demo" / name))
 
