@@ -52,6 +52,7 @@ def hf_folder() -> Path:
     """A Hugging Face folder (config, fp32 safetensors, tokenizer) made from the GGUF once."""
     folder = cache_dir() / "smollm2" / "hf"
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        _drop_quantization_config(folder / "config.json")  # folders made before this was left out
         return folder
     import torch
     import transformers
@@ -62,12 +63,23 @@ def hf_folder() -> Path:
     loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                dtype=torch.float32)
     config = transformers.LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items()
-                                         if k not in ("_name_or_path", "architectures", "transformers_version")})
+                                         if k not in ("_name_or_path", "architectures", "transformers_version",
+                                                      "quantization_config")})
     plain = transformers.LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
     return folder
+
+
+def _drop_quantization_config(path: Path) -> None:
+    """The weights are fp32: a `quantization_config` naming the GGUF file (as the GGUF loader sets
+    it) would make the onnxruntime-genai builder refuse the folder as a GGUF-quantized model."""
+    import json
+
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load(attention: str = "default", layers: int | None = None):

@@ -2,8 +2,9 @@
 
 A residual block is an `Add(skip, branch)` whose branch is computed from the skip through weights
 only it uses (an attention or MLP sub-block, pre- or post-norm). Its contribution is measured on
-sample inputs as RMS(branch) / RMS(skip); the blocks that contribute least are removed by wiring
-the skip straight through. Cleanup then deletes the branch's now-dead nodes and weights.
+calibration data (or sample inputs) as Block Influence, 1 - cos(skip, skip + branch) averaged over
+tokens (ShortGPT), or as RMS(branch) / RMS(skip); the blocks that contribute least are removed by
+wiring the skip straight through. Cleanup then deletes the branch's now-dead nodes and weights.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune import runtime
+from graphprune.calib import positions, token_rows
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
+from graphprune.stream import collect
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +100,65 @@ def find_blocks(model: Model) -> list[ResidualBlock]:
     return blocks
 
 
-def contributions(model: Model, blocks: list[ResidualBlock], seed: int = 0) -> np.ndarray:
-    """RMS(branch) / RMS(skip) of every block on seeded sample inputs."""
-    names = list(dict.fromkeys(t.name for b in blocks for t in (b.branch, b.skip)))
-    tensors = model.tensors()
-    proto = runtime.with_outputs(model.to_onnx(), {name: tensors[name].dtype for name in names})
-    feeds = runtime.sample_inputs(proto, seed=seed)
-    values = dict(zip(names, runtime.session(proto).run(names, feeds), strict=True))
+#: how a block's contribution is measured (see DropBlocksPass)
+METRICS = ("influence", "rms")
 
-    def rms(array: np.ndarray) -> float:
-        return float(np.sqrt(np.mean(np.square(array, dtype=np.float64))))
 
-    return np.array([rms(values[b.branch.name]) / max(rms(values[b.skip.name]), 1e-12) for b in blocks])
+class _BlockStatistics:
+    """Per block, over the rows (tokens, or positions of a feature map) of the calibration data:
+    the energies of branch and skip, and the sum of cos(skip, skip + branch)."""
+
+    def __init__(self, blocks: list[ResidualBlock]) -> None:
+        self.blocks = blocks
+        self.tensors = {t.name for b in blocks for t in (b.branch, b.skip)}
+        self.branch_energy = np.zeros(len(blocks))
+        self.skip_energy = np.zeros(len(blocks))
+        self.cosines = np.zeros(len(blocks))
+        self.rows = np.zeros(len(blocks))
+
+    def add(self, batch: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+        for i, block in enumerate(self.blocks):
+            if block.branch.name not in values or block.skip.name not in values:
+                continue
+            skip = _rows(batch, values[block.skip.name])
+            branch = _rows(batch, values[block.branch.name])
+            out = skip + branch
+            self.branch_energy[i] += float(np.sum(np.square(branch)))
+            self.skip_energy[i] += float(np.sum(np.square(skip)))
+            norms = np.linalg.norm(skip, axis=1) * np.linalg.norm(out, axis=1)
+            self.cosines[i] += float(np.sum(np.sum(skip * out, axis=1) / np.maximum(norms, 1e-30)))
+            self.rows[i] += len(skip)
+
+    def scores(self, metric: str) -> np.ndarray:
+        if metric == "rms":
+            return np.sqrt(self.branch_energy / np.maximum(self.skip_energy, 1e-24))
+        return 1.0 - self.cosines / np.maximum(self.rows, 1)
+
+
+def _rows(batch: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray:
+    """[rows, features] in float64: token rows (padding left out), or a feature map's positions."""
+    value = np.asarray(value, np.float64)
+    if value.ndim == 4 and positions(batch, value) is None:
+        return np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
+    return token_rows(batch, value)
+
+
+def contributions(model: Model, blocks: list[ResidualBlock], seed: int = 0, metric: str = "influence",
+                  feeds: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Each block's contribution on `feeds` (default: seeded sample inputs): Block Influence
+    (`influence`, ShortGPT: 1 - mean cosine of the residual stream before and after the block) or
+    RMS(branch) / RMS(skip) (`rms`)."""
+    if metric not in METRICS:
+        raise OptionError(f"drop-blocks metric must be one of {', '.join(METRICS)}, got '{metric}'")
+    if feeds is None:
+        feeds = runtime.sample_inputs(model.to_onnx(), seed=seed)
+    statistics = _BlockStatistics(blocks)
+    collect(model, feeds, [statistics], BATCH)
+    return statistics.scores(metric)
+
+
+#: calibration samples per ORT run
+BATCH = 16
 
 
 def drop(model: Model, block: ResidualBlock) -> None:
@@ -132,17 +182,20 @@ def drop(model: Model, block: ResidualBlock) -> None:
 class DropOptions:
     count: int = 1
     seed: int = 0
+    metric: str = "influence"
 
 
 @register
 class DropBlocksPass(RewritePass):
     """Remove the `count` residual sub-blocks that contribute least.
 
-    Reads: the graph, and an ORT run on seeded sample inputs (contribution = RMS(branch) /
-    RMS(skip) at each residual Add). Changes: the chosen Adds pass their skip input through; the
-    branch's nodes become dead (run cleanup afterwards). Preserves: graph inputs/outputs and their
-    shapes. Options: count (number of blocks to remove, fewer than the blocks found); seed (of the
-    sample inputs).
+    Reads: the graph, and ORT runs on the calibration data (`am.context["calibration"]`, else seeded
+    sample inputs), streamed without logits. Changes: the chosen Adds pass their skip input
+    through; the branch's nodes become dead (run cleanup afterwards). Preserves: graph
+    inputs/outputs and their shapes. Options: count (number of blocks to remove, fewer than the
+    blocks found); metric (`influence`: Block Influence as ShortGPT ranks layers, 1 - the mean
+    cosine between the residual stream before and after the block, over every token; `rms`:
+    RMS(branch) / RMS(skip)); seed (of the sample inputs).
     """
 
     name = "drop-blocks"
@@ -152,6 +205,8 @@ class DropBlocksPass(RewritePass):
     def check(self, model: Model, am: AnalysisManager) -> None:
         if self.options.count < 0:
             raise OptionError(f"drop-blocks count must be >= 0, got {self.options.count}")
+        if self.options.metric not in METRICS:
+            raise OptionError(f"drop-blocks metric must be one of {', '.join(METRICS)}, got '{self.options.metric}'")
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         if self.options.count == 0:
@@ -164,7 +219,7 @@ class DropBlocksPass(RewritePass):
         if self.options.count >= len(blocks):
             raise OptionError(f"cannot drop {self.options.count} blocks: the model has {len(blocks)} residual "
                               "blocks and at least one must stay")
-        scores = contributions(model, blocks, self.options.seed)
+        scores = contributions(model, blocks, self.options.seed, self.options.metric, am.context.get("calibration"))
         order = np.argsort(scores, kind="stable")[: self.options.count]
         dropped = []
         for index in sorted(order):

@@ -88,3 +88,31 @@ def test_no_residual_block_is_a_clear_error() -> None:
     }""")
     with pytest.raises(OptionError, match="has no residual block"):
         graphprune.prune(model, "drop-blocks{count=1},cleanup,verify")
+
+
+def test_block_influence_is_one_minus_the_mean_cosine_of_the_stream_before_and_after() -> None:
+    """ShortGPT's Block Influence per residual block, over every row of the calibration data; the
+    pass drops the block of least influence (it may differ from the least RMS ratio)."""
+    from graphprune.calib import random_calibration
+    from graphprune.passes.drop_blocks import contributions
+
+    model, blocks = _blocks(CHAIN.replace("float[2, 8] x", "float[N, 8] x").replace("float[2, 8] c", "float[N, 8] c"))
+    feeds = random_calibration(model.to_onnx(), samples=40, seed=1)
+    names = [t.name for b in blocks for t in (b.skip, b.branch)]
+    proto = runtime.with_outputs(model.to_onnx(), dict.fromkeys(names, np.float32))
+    values = dict(zip(names, runtime.session(proto).run(names, feeds), strict=True))
+    expected = []
+    for block in blocks:
+        skip = values[block.skip.name].astype(np.float64)
+        out = skip + values[block.branch.name]
+        cosines = np.sum(skip * out, axis=1) / (np.linalg.norm(skip, axis=1) * np.linalg.norm(out, axis=1))
+        expected.append(1 - cosines.mean())
+    influence = contributions(model, blocks, metric="influence", feeds=feeds)
+    np.testing.assert_allclose(influence, expected, rtol=1e-5)
+    rms = contributions(model, blocks, metric="rms", feeds=feeds)
+    assert rms.shape == influence.shape and not np.allclose(rms, influence)
+    report = graphprune.prune(model, drop_blocks=1, calibration=feeds)
+    dropped = next(p.stats for p in report.passes if p.name == "drop-blocks")["blocks_dropped"]
+    assert [d["block"] for d in dropped] == [blocks[int(np.argmin(expected))].name]
+    with pytest.raises(OptionError, match="metric"):
+        graphprune.prune(model, pipeline="drop{count=1,metric=cosine},cleanup")
