@@ -69,7 +69,8 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
             stages += ["unshare", deps, f"prune-sequential{{{budget}{rounding}}}"]
         else:
             stages += ["unshare", deps, f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
-            stages += ["reconstruct"] if reconstruct else []
+            # FLAP: its fluctuation metric plus the removed units' mean folded into the next bias
+            stages += ["reconstruct"] if reconstruct else ["compensate-bias"] if importance == "flap" else []
     if unstructured:
         amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
         stages.append(f"sparsify{{{amount}}}")

@@ -74,7 +74,7 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
                                             "obs"),
                    help="unit score (default: activation with a --calib .npz, else l2); activation (= wanda-sp): "
                         "weights times activation norms on --calib data; flap: activation variance times squared "
-                        "weights (FLAP's fluctuation metric); taylor: first-order loss change, by gradients through the lowered graph (task loss "
+                        "weights (FLAP's fluctuation metric, then its bias compensation); taylor: first-order loss change, by gradients through the lowered graph (task loss "
                         "when the --calib .npz has a 'labels' array, else output change along random "
                         "directions); fisher: its squared form; obs: the units the next layer, refit by least "
                         "squares, misses least (structured Optimal Brain Surgeon; pair with --reconstruct)")

@@ -2,6 +2,7 @@
 
 from graphprune.passes.analyze_deps import AnalyzeDepsPass
 from graphprune.passes.cleanup_graph import CleanupGraphPass
+from graphprune.passes.compensate_bias import CompensateBiasPass
 from graphprune.passes.drop_blocks import DropBlocksPass
 from graphprune.passes.prune_sequential import PruneSequentialPass
 from graphprune.passes.prune_units import PruneUnitsPass
@@ -14,6 +15,7 @@ from graphprune.passes.verify_model import VerifyModelPass
 __all__ = [
     "AnalyzeDepsPass",
     "CleanupGraphPass",
+    "CompensateBiasPass",
     "DropBlocksPass",
     "PruneSequentialPass",
     "PruneUnitsPass",

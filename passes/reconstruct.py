@@ -99,7 +99,7 @@ def output_rows(batch: dict[str, np.ndarray], value: np.ndarray, index: int) -> 
     return token_rows(batch, value)
 
 
-def _features(rows: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+def features(rows: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
     return rows if columns is None else rows[:, columns]
 
 
@@ -125,7 +125,7 @@ def _residual_input(model: Model, output: str) -> str | None:
     return None
 
 
-def _consumers(pruned: Model, dense: Model, kept: dict) -> list[Consumer]:
+def consumers_of_removed(pruned: Model, dense: Model, kept: dict) -> list[Consumer]:
     """MatMul/Gemm/Conv nodes whose contraction axis lost units. Their output may have lost units too
     (a layer between two pruned ones): the target is then the dense output's kept features."""
     # weights keep their names when sliced (and are unshared before pruning): they pair the nodes
@@ -208,7 +208,7 @@ class ReconstructPass(RewritePass):
         if feeds is None:
             logger.info("no calibration data: reconstruction uses %d seeded random samples", RANDOM_SAMPLES)
             feeds = random_calibration(dense.to_onnx())
-        consumers = _consumers(model, dense, am.context.get(KEPT, {}))
+        consumers = consumers_of_removed(model, dense, am.context.get(KEPT, {}))
         if not consumers:
             return PassResult(False, {"layers_refit": 0})
         skips = {c.y: c.residual for c in consumers if c.residual and self.options.residual}
@@ -252,9 +252,9 @@ class ReconstructPass(RewritePass):
         for index, batch in enumerate(walk.batches):
             live = walk.live(index)
             x = consumer.input_rows(batch, np.asarray(live[consumer.x], np.float32), index)
-            y = _features(output_rows(batch, np.asarray(dense_ys[index], np.float64), index), consumer.columns)
+            y = features(output_rows(batch, np.asarray(dense_ys[index], np.float64), index), consumer.columns)
             if skip:  # the dense sum is y + skip: the pruned output also makes up for the skip's drift
-                dense_skip = _features(output_rows(batch, np.asarray(dense_skips[index], np.float64), index),
+                dense_skip = features(output_rows(batch, np.asarray(dense_skips[index], np.float64), index),
                                        consumer.residual_columns)
                 y = y + dense_skip - output_rows(batch, np.asarray(live[skip], np.float64), index)
             if bias is not None:

@@ -56,7 +56,7 @@ class ScoreImportancePass(AnalysisPass):
     weights that consume the unit times its activation norms on `am.context["calibration"]`, or on
     seeded random inputs when none is given; see graphprune.activation) | flap (FLAP's fluctuation:
     the variance of the unit's activations times the squared weights that consume them; the
-    bias compensation and standardized allocation of the FLAP paper are not part of it) | taylor (first-order change of the
+    bias compensation is the `compensate-bias` pass, which `prune --importance flap` adds) | taylor (first-order change of the
     loss when the unit goes, by gradients through the lowered graph on the same calibration inputs:
     the task loss when `am.context["labels"]` holds labels, else the output change along random
     directions; see graphprune.taylor) | fisher (the same, squared before averaging) | obs (the

@@ -262,7 +262,7 @@ def test_reconstruct_also_makes_up_for_the_residual_streams_drift() -> None:
     """Block 2's output is added to h1, which block 1's pruning moved: with `residual`, block 2 is
     refit to the dense sum h1 + o2, so the final output error drops below the plain refit's."""
     from graphprune import runtime
-    from graphprune.passes.reconstruct import _consumers
+    from graphprune.passes.reconstruct import consumers_of_removed
 
     dense = model_from_text(RESIDUAL_MLP, seed=7)
     calib = random_calibration(dense.to_onnx(), samples=256, seed=1)
@@ -274,7 +274,7 @@ def test_reconstruct_also_makes_up_for_the_residual_streams_drift() -> None:
         pipeline = f"unshare,deps,importance,prune{{ratio=0.5}},reconstruct{{residual={str(residual).lower()}}},verify"
         graphprune.prune(model, pipeline, calibration=calib)
         errors[residual] = float(np.mean(np.square(runtime.run(model.to_onnx(), held_out)[0] - reference)))
-    assert [c.residual for c in _consumers(model, dense, {})] == ["x", "h1"]
+    assert [c.residual for c in consumers_of_removed(model, dense, {})] == ["x", "h1"]
     assert errors[True] < errors[False]
     # block 2's weights are the ridge solution for the target o2 + (h1 dense - h1 pruned)
     ours, theirs = ({n: np.asarray(v.values, np.float64) for n, v in m.constants().items()} for m in (model, dense))
@@ -368,3 +368,39 @@ def test_reconstruct_keeps_layers_it_cannot_determine(caplog) -> None:
     np.testing.assert_array_equal(refit.constants()["w2"].values, plain.constants()["w2"].values)
     assert stats["relative_error_after"] == stats["relative_error_before"]
     assert "2 calibration rows for 3 inputs" in caplog.text
+
+
+BIASED_MLP = """
+# weights: w1 b1 w2 b2
+<ir_version: 10, opset_import: ["" : 20]>
+mlp (float[N, 4] x, float[4, 6] w1, float[6] b1, float[6, 3] w2, float[3] b2) => (float[N, 3] y)
+{
+  m = MatMul (x, w1)
+  h = Add (m, b1)
+  r = Relu (h)
+  z = MatMul (r, w2)
+  y = Add (z, b2)
+}"""
+
+
+@pytest.mark.parametrize("text", [MLP, BIASED_MLP])
+def test_flap_folds_the_removed_units_mean_into_the_next_bias(text) -> None:
+    """FLAP's bias compensation: with half the hidden units gone, the pruned model's mean output
+    over the calibration data equals the dense model's (a new bias Add, or the existing bias
+    constant, takes mean(removed activations) @ their weight rows); without it, it does not."""
+    from graphprune import runtime
+
+    dense = model_from_text(text, seed=6)
+    feeds = random_calibration(dense.to_onnx(), samples=200, seed=3)
+    reference = runtime.run(dense.to_onnx(), feeds)[0].mean(axis=0)
+    flap, plain = model_from_text(text, seed=6), model_from_text(text, seed=6)
+    report = graphprune.prune(flap, ratio=0.5, importance="flap", calibration=feeds)
+    graphprune.prune(plain, pipeline="unshare,deps,importance{kind=flap},prune{ratio=0.5},cleanup,verify",
+                     calibration=feeds)
+    stats = next(p.stats for p in report.passes if p.name == "compensate-bias")
+    assert report.verified and stats["layers_compensated"] == 1
+    assert [t.name for t in flap.graph.outputs] == ["y"]
+    np.testing.assert_allclose(runtime.run(flap.to_onnx(), feeds)[0].mean(axis=0), reference, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(runtime.run(plain.to_onnx(), feeds)[0].mean(axis=0), reference, rtol=1e-3, atol=1e-3)
+    # MLP gains a bias Add after w2; BIASED_MLP's b2 constant takes the shift (no new node)
+    assert [n.op for n in flap.graph.nodes].count("Add") == 2
