@@ -9,9 +9,12 @@ The default export (SDPA, dynamo, no cache). Text: Python's bundled documentatio
 windows; evaluation: the last `--eval` windows of the documentation (never calibrated on) and
 `--eval` windows of other sources (`models/minilm.other_sentences()`: scikit-learn's data-set
 descriptions and the system's licence texts). Perplexity as `graphprune eval` computes it.
-Variants at `--ratio`: magnitude (l2), activation (= Wanda-sp), FLAP's fluctuation metric (no bias
-compensation yet), activation with `--round-mode down` (then one of the 3 KV heads of every layer
-goes), and the same with `--gqa query` (one query head of each KV head).
+Variants at `--ratio`: magnitude (l2), activation (= Wanda-sp), FLAP (fluctuation metric and bias
+compensation) and its metric alone, activation with `--round-mode down` (then one of the 3 KV
+heads of every layer goes), and the same with `--gqa query` (one query head of each KV head);
+obs + reconstruct (one sequential pass), alone and with a third of the KV heads or of the query
+heads (`--head-ratio 0.34`).
+`--only A,B` reruns those variants and keeps the other rows of `--out`.
 """
 
 from __future__ import annotations
@@ -31,10 +34,17 @@ def variants(ratio: float) -> dict[str, dict]:
     return {
         "l2": {"ratio": ratio, "importance": "l2"},
         "activation (wanda-sp)": {"ratio": ratio, "importance": "activation"},
-        "flap (fluctuation only)": {"ratio": ratio, "importance": "flap"},
+        "flap (fluctuation + bias compensation)": {"ratio": ratio, "importance": "flap"},
+        "flap fluctuation only": {"pipeline": f"unshare,deps,importance{{kind=flap}},prune{{ratio={ratio}}},"
+                                              "cleanup,verify"},
         "activation, round down": {"ratio": ratio, "importance": "activation", "round_mode": "down"},
         "activation, gqa query, round down": {"ratio": ratio, "importance": "activation", "round_mode": "down",
                                               "gqa": "query"},
+        "obs + reconstruct": {"ratio": ratio, "importance": "obs", "reconstruct": True},
+        "obs + reconstruct, KV heads 3 -> 2": {"ratio": ratio, "head_ratio": 0.34, "importance": "obs",
+                                               "reconstruct": True},
+        "obs + reconstruct, query heads 9 -> 6": {"ratio": ratio, "head_ratio": 0.34, "importance": "obs",
+                                                  "reconstruct": True, "gqa": "query"},
     }
 
 
@@ -43,6 +53,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     parser.add_argument("--eval", type=int, default=16, help="evaluation windows of each source")
+    parser.add_argument("--only", help="comma-separated variant names: run those (and dense) and replace "
+                                       "their rows in --out, keeping the others")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm_quality.json"))
     args = parser.parse_args()
     import pydoc_data.topics
@@ -74,12 +86,18 @@ def main() -> None:
         print(row, flush=True)
 
     score(dense, "dense", 0.0)
-    for name, options in variants(args.ratio).items():
+    chosen = variants(args.ratio)
+    if args.only:
+        chosen = {name: chosen[name] for name in args.only.split(",")}
+    for name, options in chosen.items():
         model = graphprune.load_model(dense_path)
         start = time.perf_counter()
-        report = graphprune.prune(model, calibration=None if options["importance"] == "l2" else calibration,
+        report = graphprune.prune(model, calibration=None if options.get("importance") == "l2" else calibration,
                                   **options)
         score(model, name, time.perf_counter() - start, report)
+    if args.only and args.out.is_file():  # the other variants' rows stay as measured before
+        fresh = {row["variant"] for row in rows}
+        rows = [row for row in json.loads(args.out.read_text())["rows"] if row["variant"] not in fresh] + rows
     setup = {k: v for k, v in vars(args).items() if k != "out"}
     setup["minutes"] = round((time.perf_counter() - started) / 60, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
