@@ -8,10 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.calib import RANDOM_SAMPLES, random_calibration, token_rows
+from graphprune.calib import token_rows
 from graphprune.errors import OptionError
 from graphprune.ir import Model
-from graphprune.passes.reconstruct import KEEP_UNPRUNED, KEPT, UNPRUNED, consumers_of_removed, features
+from graphprune.passes.reconstruct import (
+    KEEP_UNPRUNED,
+    KEPT,
+    consumers_of_removed,
+    features,
+    unpruned_and_calibration,
+)
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.stream import collect
 
@@ -67,17 +73,11 @@ class CompensateBiasPass(RewritePass):
         am.context[KEEP_UNPRUNED] = True
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        dense = am.context.get(UNPRUNED)
-        if dense is None:
-            raise OptionError("compensate-bias must follow prune-units in the pipeline")
+        dense, feeds = unpruned_and_calibration(am, self.name)
         kept = am.context.get(KEPT, {})
         consumers = [c for c in consumers_of_removed(model, dense, kept) if c.conv is None]
         if not consumers:
             return PassResult(False, {"layers_compensated": 0})
-        feeds = am.context.get("calibration")
-        if feeds is None:
-            logger.info("no calibration data: compensate-bias uses %d seeded random samples", RANDOM_SAMPLES)
-            feeds = random_calibration(dense.to_onnx())
         means = _Means({c.x for c in consumers})
         collect(dense, feeds, [means], self.options.batch)
         dense_consts, tensors = dense.constants(), model.tensors()

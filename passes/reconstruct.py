@@ -125,6 +125,19 @@ def _residual_input(model: Model, output: str) -> str | None:
     return None
 
 
+def unpruned_and_calibration(am: AnalysisManager, pass_name: str) -> tuple[Model, dict[str, np.ndarray]]:
+    """The model as `prune-units` found it and the calibration inputs (else seeded random inputs),
+    for a pass that corrects the pruned model against the dense one."""
+    dense = am.context.get(UNPRUNED)
+    if dense is None:
+        raise OptionError(f"{pass_name} must follow prune-units in the pipeline")
+    feeds = am.context.get("calibration")
+    if feeds is None:
+        logger.info("no calibration data: %s uses %d seeded random samples", pass_name, RANDOM_SAMPLES)
+        feeds = random_calibration(dense.to_onnx())
+    return dense, feeds
+
+
 def consumers_of_removed(pruned: Model, dense: Model, kept: dict) -> list[Consumer]:
     """MatMul/Gemm/Conv nodes whose contraction axis lost units. Their output may have lost units too
     (a layer between two pruned ones): the target is then the dense output's kept features."""
@@ -201,13 +214,7 @@ class ReconstructPass(RewritePass):
         am.context[KEEP_UNPRUNED] = True
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        dense = am.context.get(UNPRUNED)
-        if dense is None:
-            raise OptionError("reconstruct must follow prune-units in the pipeline")
-        feeds = am.context.get("calibration")
-        if feeds is None:
-            logger.info("no calibration data: reconstruction uses %d seeded random samples", RANDOM_SAMPLES)
-            feeds = random_calibration(dense.to_onnx())
+        dense, feeds = unpruned_and_calibration(am, self.name)
         consumers = consumers_of_removed(model, dense, am.context.get(KEPT, {}))
         if not consumers:
             return PassResult(False, {"layers_refit": 0})
