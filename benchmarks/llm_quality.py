@@ -14,7 +14,7 @@ compensation) and its metric alone, activation with `--round-mode down` (then on
 heads of every layer goes), and the same with `--gqa query` (one query head of each KV head);
 obs + reconstruct (one sequential pass), alone and with a third of the KV heads or of the query
 heads (`--head-ratio 0.34`).
-`--only A,B` reruns those variants and keeps the other rows of `--out`.
+`--only "A;B"` reruns those variants and keeps the other rows of `--out`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     parser.add_argument("--eval", type=int, default=16, help="evaluation windows of each source")
-    parser.add_argument("--only", help="comma-separated variant names: run those (and dense) and replace "
+    parser.add_argument("--only", help="variant names separated by ;: run those (and dense) and replace "
                                        "their rows in --out, keeping the others")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm_quality.json"))
     args = parser.parse_args()
@@ -88,7 +88,7 @@ def main() -> None:
     score(dense, "dense", 0.0)
     chosen = variants(args.ratio)
     if args.only:
-        chosen = {name: chosen[name] for name in args.only.split(",")}
+        chosen = {name: chosen[name] for name in args.only.split(";")}
     for name, options in chosen.items():
         model = graphprune.load_model(dense_path)
         start = time.perf_counter()

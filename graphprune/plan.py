@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ import numpy as np
 
 from graphprune.deps import OPT_IN_KINDS, Dependencies, Group, Member
 from graphprune.errors import OptionError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ ALLOCATIONS = ("uniform", "global")
 def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = None,
               threshold: float | None = None, round_to: int | None = None, round_mode: str = "up",
               hidden: bool = False, allocation: str = "uniform", max_group_ratio: float = 0.9,
-              kind_ratios: Mapping[str, float] | None = None, uniform_heads: bool = False) -> Plan:
+              kind_ratios: Mapping[str, float] | None = None, uniform_heads: bool = False,
+              warn: bool = False) -> Plan:
     """Keep the highest-scored units of each prunable group; never remove every unit. Groups of an
     opt-in kind (the hidden size) are left whole unless `hidden`.
 
@@ -99,6 +103,7 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
     group. `kind_ratios` overrides `ratio` per unit kind ("head", "neuron", "channel", ...).
     `uniform_heads`: under `global`, every head group of one size keeps the same number of heads
     (their mean, rounded), for runtimes whose config holds one head count for all layers.
+    `warn`: log the groups a ratio leaves whole because they are too small for it.
     """
     validate_budget(ratio, threshold, round_to)
     if allocation not in ALLOCATIONS:
@@ -120,6 +125,7 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
         if uniform_heads:
             _equalize(counts, [g for g in groups if g.kind == "head"])
     kept: dict[int, np.ndarray] = {}
+    untouched: dict[tuple, int] = {}  # (kind, units, ratio, step) -> groups a ratio > 0 left whole
     for group in groups:
         values = scores[group.id]
         # stable ordering: by score descending, lower index first among equals
@@ -128,12 +134,28 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
             keep = counts[group.id]
         elif ratio is not None:
             keep = kept_count(group.units, ratio_of(group), round_to, round_mode)
+            if keep == group.units and ratio_of(group) > 0:
+                key = (group.kind, group.units, ratio_of(group), effective_round_to(group.units, round_to))
+                untouched[key] = untouched.get(key, 0) + 1
         else:
             # a threshold means "every unit scoring <= EPS": only an explicit round_to rounds it
             keep = round_up(int(np.count_nonzero(values > threshold)), group.units, round_to or 1)
         if keep < group.units:
             kept[group.id] = np.sort(ranking[:keep])
+    if warn:
+        warn_untouched(untouched, round_mode)
     return Plan(kept)
+
+
+def warn_untouched(untouched: Mapping[tuple, int], round_mode: str) -> None:
+    """Say so when a ratio removes nothing from groups too small for it (3 KV heads at ratio 0.2)."""
+    if round_mode != "up":
+        return
+    for (kind, units, ratio, step), count in sorted(untouched.items()):
+        option = {"head": "--head-ratio", "neuron": "--ffn-ratio", "channel": "--channel-ratio"}.get(kind, "--ratio")
+        logger.warning("%d %s groups of %d units keep all of them at ratio %g (a ratio never removes more than "
+                       "asked, and kept counts are multiples of %d); a larger %s or --round-mode down removes "
+                       "some", count, kind, units, ratio, step, option)
 
 
 def _equalize(counts: dict[int, int], groups: list[Group]) -> None:

@@ -98,10 +98,10 @@ class PruneUnitsPass(RewritePass):
         if not 0 < target[1] < 1:
             raise OptionError(f"target_{target[0]} is the fraction kept, in (0, 1); got {target[1]}")
 
-    def _plan(self, deps: Dependencies, importance, ratio: float | None):
+    def _plan(self, deps: Dependencies, importance, ratio: float | None, warn: bool = False):
         return make_plan(deps, importance, ratio, self.options.threshold, self.options.round_to,
                          self.options.round_mode, self.options.hidden, self.options.allocation,
-                         self.options.max_group_ratio, self._kind_ratios(), self.options.uniform_heads)
+                         self.options.max_group_ratio, self._kind_ratios(), self.options.uniform_heads, warn)
 
     def _measure(self, model: Model, am: AnalysisManager, measure: str) -> Callable[[Model], float]:
         """The fraction of the dense model's cost a pruned copy keeps: counted, or timed in ORT."""
@@ -169,7 +169,7 @@ class PruneUnitsPass(RewritePass):
             ratio, reached = self._ratio_for_target(model, am, deps, importance, measure, fraction)
             target_stats = {f"target_{measure}": fraction, f"reached_{measure}": round(reached, 4),
                             "ratio": round(ratio, 4)}
-        plan = self._plan(deps, importance, ratio)
+        plan = self._plan(deps, importance, ratio, warn=True)
         if not plan.kept:
             return PassResult(False, {"groups_pruned": 0, "units_removed": 0, **target_stats})
         if am.context.get(KEEP_UNPRUNED):  # which elements stayed, for the refit targets

@@ -147,3 +147,24 @@ def test_uniform_heads_give_head_groups_of_one_size_one_count_under_global_alloc
     assert first.id not in plan.kept and len(plan.kept[second.id]) == 3  # 6 and 3 heads kept
     even = make_plan(deps, scores, ratio=0.25, allocation="global", uniform_heads=True)
     assert {g: k.tolist() for g, k in even.kept.items()} == {first.id: [0, 1, 2, 3], second.id: [2, 3, 4, 5]}
+
+
+@pytest.mark.parametrize("options", [{}, {"importance": "obs", "reconstruct": True}])
+def test_a_ratio_too_small_for_a_group_leaves_it_whole_and_says_how_to_cut_it(options, caplog) -> None:
+    """Two groups of 6 neurons at ratio 0.1: 0.6 of a unit, so neither loses one (a ratio never
+    removes more than asked); the user is told, with the options that would cut, on both the
+    prune-units and the prune-sequential path. At 0.2 one unit goes and nothing is said."""
+    from graphprune.calib import random_calibration
+
+    model = model_from_text(TWO_LAYERS)
+    feeds = random_calibration(model.to_onnx(), samples=64, seed=0)
+    with caplog.at_level("WARNING"):
+        report = graphprune.prune(model, ratio=0.1, calibration=feeds, **options)
+    assert report.params_after == report.params_before
+    message = " ".join(r.getMessage() for r in caplog.records if "keep all of them" in r.getMessage())
+    assert "2 neuron groups of 6 units" in message and "--ffn-ratio" in message and "--round-mode down" in message
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        report = graphprune.prune(model_from_text(TWO_LAYERS), ratio=0.2, calibration=feeds, **options)
+    assert report.params_after < report.params_before
+    assert not any("keep all of them" in r.getMessage() for r in caplog.records)
