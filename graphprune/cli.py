@@ -209,6 +209,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
                    help="mse: normalized mean squared error on the outputs (default); kl: KL divergence of the "
                         "softened class distributions (classifier logits)")
     p.add_argument("--temperature", type=float, default=2.0, help="softening for --loss kl (default 2)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="--loss kl over the teacher's K most likely classes only (0: all; e.g. 64 for an LM)")
     p.add_argument("--hidden", action="store_true",
                    help="also match the intermediate states both models share by name and shape "
                         "(LayerNorm outputs and residual sums)")
@@ -568,7 +570,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from graphprune.distill import DistillOptions, distill, plot_losses, verify_student
 
     options = DistillOptions(epochs=args.epochs, lr=args.lr, batch=args.batch, loss=args.loss,
-                             temperature=args.temperature, hidden=args.hidden, seed=args.seed)
+                             temperature=args.temperature, top_k=args.top_k, hidden=args.hidden, seed=args.seed)
     options.check()
     plot = args.plot or args.output.with_name(args.output.stem + ".loss.png")
     _check_paths(args.student, args.output, args.report)

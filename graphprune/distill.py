@@ -5,7 +5,9 @@ trained, whatever it was exported from. The teacher runs in ONNX Runtime. Per ba
 
 - every float output of the student is pulled towards the teacher's: `mse` (mean squared error
   divided by the teacher output's mean square, so outputs of any scale weigh alike) or `kl`
-  (KL divergence of the softened class distributions over the last axis, temperature T, times T²);
+  (KL divergence of the softened class distributions over the last axis, temperature T, times T²;
+  with `top_k`, over the teacher's k most likely classes and one bucket for the rest: a causal LM's
+  next-token distribution over a 49,152-token vocabulary puts nearly all its mass on a few dozen);
 - with `hidden`, also the intermediate states both models have under the same name and shape
   (the outputs of LayerNormalization and of residual Adds: the residual stream, which pruning
   heads and neurons leaves at full width), by normalized MSE, averaged and added to the loss;
@@ -30,9 +32,10 @@ import torch.nn.functional as F  # noqa: N812
 
 from graphprune import runtime
 from graphprune.calib import ATTENTION_MASK, batches, dynamic_sequence, positions
-from graphprune.errors import GraphpruneError, OptionError
+from graphprune.errors import GraphpruneError, OptionError, VerificationError
 from graphprune.ir import Model
 from graphprune.lowering import lower, write_back
+from graphprune.state import state_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class DistillOptions:
     batch: int = 16
     loss: str = "mse"  # on the outputs; see the module doc
     temperature: float = 2.0  # for kl
+    top_k: int = 0  # for kl: the teacher's k most likely classes only (0: all); LM vocabularies are large
     hidden: bool = False  # also match shared intermediate states
     seed: int = 0
 
@@ -64,6 +68,8 @@ class DistillOptions:
             raise OptionError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.temperature > 0:
             raise OptionError(f"--temperature must be positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise OptionError(f"--top-k must be >= 0 (0: every class), got {self.top_k}")
 
 
 @dataclass
@@ -118,13 +124,39 @@ def _normalized_mse(s: torch.Tensor, t: torch.Tensor, mask: np.ndarray | None) -
     return F.mse_loss(s, t) / t.square().mean().clamp_min(1e-12)
 
 
-def _kl(s: torch.Tensor, t: torch.Tensor, mask: np.ndarray | None, temperature: float) -> torch.Tensor:
+def _kl(s: torch.Tensor, t: torch.Tensor, mask: np.ndarray | None, temperature: float, top_k: int = 0,
+        ) -> torch.Tensor:
+    """KL(teacher || student) of the softened distributions over the last axis, per row; with
+    `top_k`, over the teacher's k most likely classes plus one bucket for all the others (zero
+    exactly when the student gives those k classes the teacher's probabilities)."""
     if mask is not None:
         keep = torch.from_numpy(mask)
         s, t = s[keep], t[keep]
-    s, t = s.reshape(-1, s.shape[-1]) / temperature, t.reshape(-1, t.shape[-1]) / temperature
-    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
-                    reduction="batchmean") * temperature ** 2
+    student = F.log_softmax(s.reshape(-1, s.shape[-1]) / temperature, -1)
+    teacher = F.log_softmax(t.reshape(-1, t.shape[-1]) / temperature, -1)
+    if 0 < top_k < teacher.shape[-1]:
+        teacher, classes = teacher.topk(top_k, dim=-1)
+        student = student.gather(-1, classes)
+        teacher, student = _with_rest(teacher), _with_rest(student)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def _with_rest(log_probs: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of some classes, and one more column: the log of the mass left over."""
+    rest = torch.log1p(-log_probs.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    return torch.cat([log_probs, rest], dim=-1)
+
+
+def fit_empty_inputs(shapes: dict[str, tuple | list | None], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Empty inputs (a KV cache before the first token) reshaped to a model's declared static dims:
+    a student's cache may have lost heads that the teacher's still has."""
+    fitted = dict(feeds)
+    for name, array in feeds.items():
+        shape = shapes.get(name)
+        if not array.size and shape is not None and len(shape) == array.ndim:
+            fitted[name] = np.zeros([d if isinstance(d, int) else n for d, n in zip(shape, array.shape, strict=True)],
+                                    array.dtype)
+    return fitted
 
 
 class _Objective:
@@ -133,8 +165,9 @@ class _Objective:
     def __init__(self, student: Model, teacher: Model, options: DistillOptions) -> None:
         self.options = options
         self.outputs = [t.name for t in teacher.graph.outputs]  # the student's match them by position
-        self.float_outputs = [i for i, t in enumerate(student.graph.outputs)
-                              if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
+        state = state_tensors(student)  # a KV cache's present outputs are state, not predictions
+        self.float_outputs = [i for i, t in enumerate(student.graph.outputs) if t.name not in state
+                              and t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
         if not self.float_outputs:
             raise DistillError("the student has no floating-point output to distill")
         self.hidden = hidden_states(student, teacher) if options.hidden else []
@@ -144,6 +177,7 @@ class _Objective:
         extended.graph.outputs.extend(ext_tensors[name] for name in self.hidden)
         self.module = lower(extended)
         self.inputs = [t.name for t in student.graph.inputs if t.name not in student.constants()]
+        self.shapes = {t.name: t.shape for t in student.graph.inputs}
         teacher_proto = runtime.with_outputs(teacher.to_onnx(), {n: tensors[n].dtype for n in self.hidden})
         self.teacher = runtime.session(teacher_proto, threads=2)
         self.trim = dynamic_sequence(teacher_proto)
@@ -153,14 +187,15 @@ class _Objective:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
         targets = self.teacher.run(self.outputs + self.hidden, batch)
-        produced = self.module(*(torch.from_numpy(np.ascontiguousarray(batch[n])) for n in self.inputs))
+        student_batch = fit_empty_inputs(self.shapes, batch)
+        produced = self.module(*(torch.from_numpy(np.ascontiguousarray(student_batch[n])) for n in self.inputs))
         produced = produced if isinstance(produced, tuple) else (produced,)
         loss = torch.zeros(())
         for i in self.float_outputs:
             s, t = produced[i], torch.from_numpy(np.asarray(targets[i], np.float32))
             mask = positions(batch, targets[i])
             if self.options.loss == "kl":
-                loss = loss + _kl(s, t, mask, self.options.temperature)
+                loss = loss + _kl(s, t, mask, self.options.temperature, self.options.top_k)
             else:
                 loss = loss + _normalized_mse(s, t, mask)
         if self.hidden:
@@ -226,7 +261,12 @@ def verify_student(student: Model, teacher: Model, feeds: dict[str, np.ndarray],
     """onnx.checker, an ORT run and output shapes equal to the teacher's on the first `samples`."""
     sample = {name: array[:samples] for name, array in feeds.items()}
     expected, _ = runtime.verify(teacher.to_onnx(), sample)
-    check, _ = runtime.verify(student.to_onnx(), sample, expected.output_shapes)
+    check, _ = runtime.verify(student.to_onnx(), fit_empty_inputs({t.name: t.shape for t in student.graph.inputs},
+                                                                   sample))
+    state = state_tensors(student)  # cache outputs may have lost heads; the predictions keep their shapes
+    for output, got, wanted in zip(student.graph.outputs, check.output_shapes, expected.output_shapes, strict=True):
+        if output.name not in state and got != wanted:
+            raise VerificationError(f"output {output.name} changed shape from {list(wanted)} to {list(got)}")
     return check
 
 
