@@ -13,7 +13,9 @@ Variants at `--ratio`: magnitude (l2), activation (= Wanda-sp), FLAP (fluctuatio
 compensation) and its metric alone, activation with `--round-mode down` (then one of the 3 KV
 heads of every layer goes), and the same with `--gqa query` (one query head of each KV head);
 obs + reconstruct (one sequential pass), alone and with a third of the KV heads or of the query
-heads (`--head-ratio 0.34`).
+heads (`--head-ratio 0.34`); obs + reconstruct then distilled (`graphprune.distill`: next-token KL
+over the teacher's top 64, temperature 1, one epoch, batch 4, lr 1e-4) on the `--distill-windows`
+windows after the calibration ones, never evaluated on.
 `--only "A;B"` reruns those variants and keeps the other rows of `--out`.
 """
 
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import graphprune
+from graphprune.distill import DistillOptions, distill
 from graphprune.models import smollm2
 from graphprune.models.minilm import other_sentences
 from graphprune.perplexity import causal_feeds, perplexity, text_windows
@@ -45,6 +48,7 @@ def variants(ratio: float) -> dict[str, dict]:
                                                "reconstruct": True},
         "obs + reconstruct, query heads 9 -> 6": {"ratio": ratio, "head_ratio": 0.34, "importance": "obs",
                                                   "reconstruct": True, "gqa": "query"},
+        "obs + reconstruct + distill": {"ratio": ratio, "importance": "obs", "reconstruct": True, "distill": True},
     }
 
 
@@ -53,6 +57,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     parser.add_argument("--eval", type=int, default=16, help="evaluation windows of each source")
+    parser.add_argument("--distill-windows", type=int, default=64,
+                        help="training windows for the distilled variant (after the calibration windows)")
     parser.add_argument("--only", help="variant names separated by ;: run those (and dense) and replace "
                                        "their rows in --out, keeping the others")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm_quality.json"))
@@ -62,7 +68,7 @@ def main() -> None:
     tokenizer = smollm2.tokenizer()
     docs = text_windows("\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)),
                         tokenizer, 256)
-    if args.calib + args.eval > len(docs):
+    if args.calib + args.distill_windows + args.eval > len(docs):
         raise SystemExit(f"only {len(docs)} windows: calibration and evaluation would overlap")
     held_out = docs[-args.eval:]
     other = text_windows(" ".join(other_sentences()), tokenizer, 256, args.eval)
@@ -92,8 +98,14 @@ def main() -> None:
     for name, options in chosen.items():
         model = graphprune.load_model(dense_path)
         start = time.perf_counter()
+        options = dict(options)
+        distilled = options.pop("distill", False)
         report = graphprune.prune(model, calibration=None if options.get("importance") == "l2" else calibration,
                                   **options)
+        if distilled:  # next-token KL (teacher's top 64) on the windows after the calibration ones
+            train = causal_feeds(dense, docs[args.calib:args.calib + args.distill_windows], {})
+            distill(model, dense, train, DistillOptions(epochs=1, lr=1e-4, batch=4, loss="kl", temperature=1.0,
+                                                        top_k=64))
         score(model, name, time.perf_counter() - start, report)
     if args.only and args.out.is_file():  # the other variants' rows stay as measured before
         fresh = {row["variant"] for row in rows}
