@@ -141,11 +141,17 @@ def token_rows(feeds: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray:
 
 def dynamic_sequence(proto: onnx.ModelProto) -> bool:
     """Whether the model takes any sequence length: every [batch, sequence] input has a symbolic axis 1."""
-    mask = [v for v in model_inputs(proto) if v.name == ATTENTION_MASK]
-    if not mask or len(mask[0].type.tensor_type.shape.dim) != 2:
+    return sequence_is_dynamic({v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                         for d in v.type.tensor_type.shape.dim] for v in model_inputs(proto)})
+
+
+def sequence_is_dynamic(shapes: dict[str, list | tuple | None]) -> bool:
+    """`dynamic_sequence` on input shapes (name -> dims, ints for static ones): there is a 2-D
+    `attention_mask` and no input has a static axis 1."""
+    mask = shapes.get(ATTENTION_MASK)
+    if mask is None or len(mask) != 2:
         return False
-    return all(len(dims) < 2 or not dims[1].HasField("dim_value")
-               for dims in (v.type.tensor_type.shape.dim for v in model_inputs(proto)))
+    return all(dims is None or len(dims) < 2 or not isinstance(dims[1], int) for dims in shapes.values())
 
 
 def trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

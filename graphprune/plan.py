@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +125,7 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
         if uniform_heads:
             _equalize(counts, [g for g in groups if g.kind == "head"])
     kept: dict[int, np.ndarray] = {}
-    untouched: dict[tuple, int] = {}  # (kind, units, ratio, step) -> groups a ratio > 0 left whole
+    whole: list[tuple[Group, float]] = []  # groups a ratio > 0 leaves whole, with that ratio
     for group in groups:
         values = scores[group.id]
         # stable ordering: by score descending, lower index first among equals
@@ -135,23 +135,34 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
         elif ratio is not None:
             keep = kept_count(group.units, ratio_of(group), round_to, round_mode)
             if keep == group.units and ratio_of(group) > 0:
-                key = (group.kind, group.units, ratio_of(group), effective_round_to(group.units, round_to))
-                untouched[key] = untouched.get(key, 0) + 1
+                whole.append((group, ratio_of(group)))
         else:
             # a threshold means "every unit scoring <= EPS": only an explicit round_to rounds it
             keep = round_up(int(np.count_nonzero(values > threshold)), group.units, round_to or 1)
         if keep < group.units:
             kept[group.id] = np.sort(ranking[:keep])
     if warn:
-        warn_untouched(untouched, round_mode)
+        warn_untouched(whole, round_to, round_mode)
     return Plan(kept)
 
 
-def warn_untouched(untouched: Mapping[tuple, int], round_mode: str) -> None:
-    """Say so when a ratio removes nothing from groups too small for it (3 KV heads at ratio 0.2)."""
+def kind_ratios(head: float | None = None, neuron: float | None = None,
+                channel: float | None = None) -> dict[str, float]:
+    """The per-kind ratios given (the --head-ratio, --ffn-ratio and --channel-ratio options)."""
+    given = {"head": head, "neuron": neuron, "channel": channel}
+    return {kind: value for kind, value in given.items() if value is not None}
+
+
+def warn_untouched(whole: Iterable[tuple[Group, float]], round_to: int | None, round_mode: str) -> None:
+    """Say so when a ratio removes nothing from groups too small for it (3 KV heads at ratio 0.2);
+    `whole`: those groups, each with the ratio it was given."""
     if round_mode != "up":
         return
-    for (kind, units, ratio, step), count in sorted(untouched.items()):
+    counts: dict[tuple, int] = {}
+    for group, ratio in whole:
+        key = (group.kind, group.units, ratio, effective_round_to(group.units, round_to))
+        counts[key] = counts.get(key, 0) + 1
+    for (kind, units, ratio, step), count in sorted(counts.items()):
         option = {"head": "--head-ratio", "neuron": "--ffn-ratio", "channel": "--channel-ratio"}.get(kind, "--ratio")
         logger.warning("%d %s groups of %d units keep all of them at ratio %g (a ratio never removes more than "
                        "asked, and kept counts are multiples of %d); a larger %s or --round-mode down removes "

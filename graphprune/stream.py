@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune import runtime
-from graphprune.calib import ATTENTION_MASK, batches
+from graphprune.calib import batches, sequence_is_dynamic
 from graphprune.ir import Model
 
 logger = logging.getLogger(__name__)
@@ -83,15 +83,6 @@ class _Store:
             self.folder.cleanup()
 
 
-def dynamic_sequence(graph: gs.Graph) -> bool:
-    """Whether the model takes any sequence length: every [batch, sequence] input has a symbolic
-    axis 1 (then batches may drop all-padding trailing positions)."""
-    mask = [t for t in graph.inputs if t.name == ATTENTION_MASK]
-    if not mask or mask[0].shape is None or len(mask[0].shape) != 2:
-        return False
-    return all(t.shape is None or len(t.shape) < 2 or not isinstance(t.shape[1], int) for t in graph.inputs)
-
-
 class Walk:
     """The calibration batches at one position of a model's node list (see module doc).
 
@@ -120,7 +111,7 @@ class Walk:
             for tensor in _reads(node):
                 self.last_use[tensor.name] = max(self.last_use.get(tensor.name, -1), self._place(node))
         self.position = 0
-        self.batches = list(batches(feeds, batch, trim=dynamic_sequence(graph)))
+        self.batches = list(batches(feeds, batch, trim=sequence_is_dynamic({t.name: t.shape for t in graph.inputs})))
         self.store = _Store()
         self.pending = sorted(self.wanted & set(feeds))  # wanted graph inputs: handed out by the first advance
         for index, chunk in enumerate(self.batches):
@@ -134,10 +125,6 @@ class Walk:
 
     def __len__(self) -> int:
         return len(self.batches)
-
-    @property
-    def finished(self) -> bool:
-        return self.position >= len(self.nodes)
 
     def live(self, batch: int) -> dict[str, np.ndarray]:
         """The tensors live at the current position for one batch."""

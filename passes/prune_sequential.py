@@ -16,7 +16,7 @@ from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.obs import DAMP, greedy_removal, obs_pair, refit_rows
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
-from graphprune.plan import Plan, effective_round_to, kept_count, validate_budget, warn_untouched
+from graphprune.plan import Plan, kept_count, kind_ratios, validate_budget, warn_untouched
 from graphprune.rewrite import apply_plan
 from graphprune.stream import Walk
 from graphprune.weights import replacement
@@ -82,9 +82,8 @@ class PruneSequentialPass(RewritePass):
             raise OptionError("prune-sequential needs damp >= 0 and batch >= 1")
 
     def _ratio(self, group: Group) -> float:
-        given = {"head": self.options.head_ratio, "neuron": self.options.neuron_ratio,
-                 "channel": self.options.channel_ratio}.get(group.kind)
-        return self.options.ratio if given is None else given
+        given = kind_ratios(self.options.head_ratio, self.options.neuron_ratio, self.options.channel_ratio)
+        return given.get(group.kind, self.options.ratio)
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         deps: Dependencies = am.get("analyze-deps", model)
@@ -95,12 +94,8 @@ class PruneSequentialPass(RewritePass):
         candidates = [g for g in deps.prunable if g.kind not in OPT_IN_KINDS or self.options.hidden]
         groups = [g for g in candidates
                   if kept_count(g.units, self._ratio(g), self.options.round_to, self.options.round_mode) < g.units]
-        untouched: dict[tuple, int] = {}
-        for group in candidates:
-            if group not in groups and self._ratio(group) > 0:
-                key = (group.kind, group.units, self._ratio(group), effective_round_to(group.units, self.options.round_to))
-                untouched[key] = untouched.get(key, 0) + 1
-        warn_untouched(untouched, self.options.round_mode)
+        warn_untouched([(g, self._ratio(g)) for g in candidates if g not in groups and self._ratio(g) > 0],
+                       self.options.round_to, self.options.round_mode)
         refits = _refit_groups(model, groups)
         others = ActivationStatistics(model, replace(deps, groups=tuple(groups)), skip={r.group.id for r in refits})
         walk = Walk(model, {r.activation for r in refits} | set(others.tensors), feeds, self.options.batch)

@@ -13,7 +13,7 @@ from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.passes.reconstruct import KEEP_UNPRUNED, KEPT, UNPRUNED
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
-from graphprune.plan import make_plan, validate_budget
+from graphprune.plan import kind_ratios, make_plan, validate_budget
 from graphprune.rewrite import apply_plan, kept_indices
 
 #: dry runs when searching the ratio for a parameter or FLOP target (0.99 / 2^10 < 0.001)
@@ -149,9 +149,7 @@ class PruneUnitsPass(RewritePass):
         return max(((r, f) for r, f in tried if f >= fraction), default=(0.0, 1.0))
 
     def _kind_ratios(self) -> dict[str, float]:
-        given = {"head": self.options.head_ratio, "neuron": self.options.neuron_ratio,
-                 "channel": self.options.channel_ratio}
-        return {kind: value for kind, value in given.items() if value is not None}
+        return kind_ratios(self.options.head_ratio, self.options.neuron_ratio, self.options.channel_ratio)
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         deps: Dependencies = am.get("analyze-deps", model)
