@@ -26,7 +26,7 @@ import numpy as np
 
 import graphprune
 from graphprune import runtime
-from graphprune.generate import greedy
+from graphprune.generate import decode_rate, greedy
 from graphprune.models import smollm2
 from graphprune.models.minilm import other_sentences
 from graphprune.perplexity import causal_feeds, perplexity, text_windows
@@ -38,21 +38,6 @@ PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n
 def cache_shapes(model) -> dict[str, list]:
     return {t.name: list(t.shape) for t in [*model.graph.inputs, *model.graph.outputs]
             if "past" in t.name or "present" in t.name}
-
-
-def decode_rate(models: dict, prompt: np.ndarray, tokens: int, rounds: int = 3) -> dict[str, float]:
-    """Tokens per second after the prompt step, each model timed in turn, best of `rounds`."""
-    best = dict.fromkeys(models, 0.0)
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            greedy(model, prompt, 1)
-            prompt_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            greedy(model, prompt, tokens)
-            rate = (tokens - 1) / max(time.perf_counter() - start - prompt_seconds, 1e-9)
-            best[name] = max(best[name], rate)
-    return {name: round(rate, 1) for name, rate in best.items()}
 
 
 def main() -> None:

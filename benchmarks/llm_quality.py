@@ -1,70 +1,187 @@
-"""SmolLM2-135M after pruning: perplexity on held-out text, first look (issue 14 extends it).
+"""SmolLM2-135M pruned by each criterion to a share of its non-embedding parameters: perplexity on
+held-out text, prefill latency and decode tokens/s with the KV cache, dense side by side.
 
-    pip install -c constraints.txt -e '.[llm]'
-    python benchmarks/llm_quality.py [--ratio 0.2] [--calib 32] [--eval 16]
-        [--out benchmarks/results/llm_quality.json]
+    pip install -c constraints.txt -e '.[llm,bench]'
+    python benchmarks/llm_quality.py [--shares 0.1,0.2,0.3,0.5] [--methods "l2;wanda-sp"]
+        [--calib 32] [--eval 16] [--out benchmarks/results/llm_quality.json]
 
-The default export (SDPA, dynamo, no cache). Text: Python's bundled documentation
-(`pydoc_data.topics`) as one token stream in windows of 256; calibration: the first `--calib`
-windows; evaluation: the last `--eval` windows of the documentation (never calibrated on) and
+The model is the onnxruntime-genai builder's export (KV cache, GroupQueryAttention): the graph a
+deployment runs. Text: Python's bundled documentation (`pydoc_data.topics`) as one token stream in
+windows of 256; calibration: the first `--calib` windows; perplexity (as `graphprune eval`
+computes it) on the last `--eval` windows of the documentation (never calibrated on) and on
 `--eval` windows of other sources (`models/minilm.other_sentences()`: scikit-learn's data-set
-descriptions and the system's licence texts). Perplexity as `graphprune eval` computes it.
-Variants at `--ratio`: magnitude (l2), activation (= Wanda-sp), FLAP (fluctuation metric and bias
-compensation) and its metric alone, activation with `--round-mode down` (then one of the 3 KV
-heads of every layer goes), and the same with `--gqa query` (one query head of each KV head);
-obs + reconstruct (one sequential pass), alone and with a third of the KV heads or of the query
-heads (`--head-ratio 0.34`); obs + reconstruct then distilled (`graphprune.distill`: next-token KL
-over the teacher's top 64, temperature 1, one epoch, batch 4, lr 1e-4) on the `--distill-windows`
-windows after the calibration ones, never evaluated on.
-`--only "A;B"` reruns those variants and keeps the other rows of `--out`.
+descriptions and the system's licence texts).
+
+A share is of the 106.2M non-embedding parameters (the tied 28.3M embedding is not pruned by
+anyone here); each row states the share it reached. Methods:
+- `l2`, `wanda-sp` (`--importance activation`), `flap` (fluctuation + bias compensation): a uniform
+  ratio over every group, found by `--target-params` (0.34 of the 3 KV heads is the first ratio
+  that cuts one, so small shares cut FFN neurons only);
+- `obs + reconstruct`: FFN neurons only (`--ffn-ratio`, the share over the FFN's 75% of the
+  parameters), one sequential pass;
+- `obs + reconstruct, KV heads`: one KV head of 3 (and its query heads) in every layer plus FFN
+  neurons for the rest of the share (shares of 10% have no room for a head);
+- `block removal`: `--drop-blocks N` (Block Influence on the calibration windows), N = share x 30
+  layers. The genai graph fuses its residual adds into SkipSimplifiedLayerNormalization, which
+  `drop-blocks` does not recognise, so these rows prune the plain export (no cache) of the same
+  weights; their prefill is timed against the dense plain export and decode is not measured;
+- `Torch-Pruning LLM recipe` (`--tp`): its examples/LLMs/prune_llm.py on the Hugging Face model
+  (group L2 magnitude, MetaPruner, per-layer uniform ratio r on the hidden size, KV heads and FFN,
+  round_to 4, lm_head ignored; r = 1 - sqrt(1 - share) as most matrices lose rows and columns),
+  then the genai builder on the pruned folder;
+- `obs + reconstruct + distill`: the FFN-only model trained on the `--distill-windows` windows after
+  the calibration ones (next-token KL over the teacher's top 64, temperature 1, one epoch, batch 4,
+  lr 1e-4), at `--distill-shares`.
+Timing: every model and the dense one in turns, `--rounds` rounds, ORT CPU 2 threads: prefill =
+median of 5 runs of one 256-token window with empty caches; decode = tokens/s of greedy generation
+of `--tokens` tokens after a prompt (the prompt step subtracted), best round. Ratios to dense are
+of one run; absolute figures depend on the machine's load.
+`--only-timing` re-times the models of an earlier run kept in `--work`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
+import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 import graphprune
+from graphprune import runtime
 from graphprune.distill import DistillOptions, distill
+from graphprune.generate import decode_rate
 from graphprune.models import smollm2
 from graphprune.models.minilm import other_sentences
 from graphprune.perplexity import causal_feeds, perplexity, text_windows
 
+LAYERS, HIDDEN, INTERMEDIATE, KV_WIDTH = 30, 576, 1536, 192
+FFN = LAYERS * 3 * HIDDEN * INTERMEDIATE
+KV_GROUP = LAYERS * 4 * HIDDEN * KV_WIDTH  # one KV head of 3 with its 3 query heads: q, k, v and o slices
+NON_EMBEDDING = LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_WIDTH + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN) + HIDDEN
+TOTAL = NON_EMBEDDING + 49152 * HIDDEN
+METHODS = ("l2", "wanda-sp", "flap", "obs + reconstruct", "obs + reconstruct, KV heads", "block removal",
+           "Torch-Pruning LLM recipe", "obs + reconstruct + distill")
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
-def variants(ratio: float) -> dict[str, dict]:
-    return {
-        "l2": {"ratio": ratio, "importance": "l2"},
-        "activation (wanda-sp)": {"ratio": ratio, "importance": "activation"},
-        "flap (fluctuation + bias compensation)": {"ratio": ratio, "importance": "flap"},
-        "flap fluctuation only": {"pipeline": f"unshare,deps,importance{{kind=flap}},prune{{ratio={ratio}}},"
-                                              "cleanup,verify"},
-        "activation, round down": {"ratio": ratio, "importance": "activation", "round_mode": "down"},
-        "activation, gqa query, round down": {"ratio": ratio, "importance": "activation", "round_mode": "down",
-                                              "gqa": "query"},
-        "obs + reconstruct": {"ratio": ratio, "importance": "obs", "reconstruct": True},
-        "obs + reconstruct, KV heads 3 -> 2": {"ratio": ratio, "head_ratio": 0.34, "importance": "obs",
-                                               "reconstruct": True},
-        "obs + reconstruct, query heads 9 -> 6": {"ratio": ratio, "head_ratio": 0.34, "importance": "obs",
-                                                  "reconstruct": True, "gqa": "query"},
-        "obs + reconstruct + distill": {"ratio": ratio, "importance": "obs", "reconstruct": True, "distill": True},
-    }
+
+def options_for(method: str, share: float) -> dict | None:
+    """`graphprune.prune` options that remove about `share` of the non-embedding parameters."""
+    removed = share * NON_EMBEDDING
+    if method in ("l2", "wanda-sp", "flap"):
+        importance = {"wanda-sp": "activation"}.get(method, method)
+        return {"target_params": round(1 - removed / TOTAL, 4), "importance": importance}
+    if method == "obs + reconstruct":
+        return {"ratio": 0.0, "ffn_ratio": round(removed / FFN, 4), "importance": "obs", "reconstruct": True}
+    if method == "obs + reconstruct, KV heads":
+        if removed <= KV_GROUP:
+            return None
+        return {"ratio": 0.0, "head_ratio": 0.34, "ffn_ratio": round((removed - KV_GROUP) / FFN, 4),
+                "importance": "obs", "reconstruct": True}
+    if method == "block removal":
+        return {"drop_blocks": max(1, round(share * LAYERS))}
+    raise ValueError(method)
+
+
+def torch_pruning_llm(share: float, folder: Path) -> dict:
+    """Torch-Pruning's LLM recipe on the Hugging Face model, saved to `folder` and exported by the
+    genai builder; returns the export's path and the seconds Torch-Pruning took (kept in
+    `folder/tp.json`: a finished folder is reused)."""
+    done = folder / "tp.json"
+    if done.is_file():
+        return json.loads(done.read_text()) | {"path": folder / "onnx" / "model.onnx"}
+    import torch
+    import torch_pruning as tp
+
+    model = smollm2.load()
+    model.eval()
+    config = model.config
+    num_heads = {}
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            num_heads[module.q_proj] = config.num_attention_heads
+            num_heads[module.k_proj] = config.num_key_value_heads
+            num_heads[module.v_proj] = config.num_key_value_heads
+    ratio = 1 - math.sqrt(1 - share)
+    start = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs=torch.randint(0, 1000, (1, 64)), importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=False, output_transform=lambda out: out.logits, pruning_ratio=ratio,
+        ignored_layers=[model.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=ratio, round_to=4)
+    pruner.step()
+    seconds = time.perf_counter() - start
+    for name, module in model.named_modules():  # the config the recipe writes back
+        if name.endswith("self_attn"):
+            config.num_attention_heads = module.q_proj.out_features // module.head_dim
+            config.num_key_value_heads = module.k_proj.out_features // module.head_dim
+            module.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        elif name.endswith("mlp"):
+            config.intermediate_size = module.gate_proj.out_features
+    config.hidden_size = model.model.embed_tokens.weight.shape[1]
+    hf = folder / "hf"
+    model.save_pretrained(hf)
+    smollm2.tokenizer().save_pretrained(hf)
+    from graphprune.models.genai import genai_export
+
+    result = {"tp_seconds": round(seconds, 1), "ratio": round(ratio, 4),
+              "config": {k: getattr(config, k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                          "intermediate_size")}}
+    path = genai_export(hf, folder / "onnx")
+    done.write_text(json.dumps(result))
+    return result | {"path": path}
+
+
+def timings(paths: dict[str, Path], window: np.ndarray, prompt: np.ndarray, tokens: int, rounds: int) -> dict:
+    """Prefill seconds (median of 5 per round, median of rounds) and decode tokens/s (best round),
+    every model in turn each round."""
+    prefill: dict[str, list[float]] = {name: [] for name in paths}
+    decode: dict[str, float] = {}
+    for round_index in range(rounds):
+        for name, path in paths.items():
+            model = graphprune.load_model(path)
+            session = runtime.session(model.to_onnx(), threads=2)
+            feeds = causal_feeds(model, window[None, :])
+            session.run(None, feeds)
+            runs = []
+            for _ in range(5):
+                start = time.perf_counter()
+                session.run(None, feeds)
+                runs.append(time.perf_counter() - start)
+            prefill[name].append(statistics.median(runs))
+            del session
+            if any("past" in t.name for t in model.graph.inputs):
+                rate = decode_rate({name: model}, prompt, tokens, rounds=1)[name]
+                decode[name] = max(decode.get(name, 0.0), rate)
+            print(f"round {round_index + 1}: {name}: prefill {prefill[name][-1] * 1000:.0f} ms"
+                  + (f", decode {decode[name]} tok/s" if name in decode else ""), flush=True)
+    return {name: {"prefill_ms": round(statistics.median(values) * 1000, 1), "decode_tok_s": decode.get(name)}
+            for name, values in prefill.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--shares", default="0.1,0.2,0.3,0.5", help="shares of non-embedding parameters removed")
+    parser.add_argument("--methods", help="method names separated by ; (default: all; see the docstring)")
+    parser.add_argument("--tp", action="store_true", help="include Torch-Pruning's LLM recipe (slow)")
+    parser.add_argument("--distill-shares", default="0.2")
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     parser.add_argument("--eval", type=int, default=16, help="evaluation windows of each source")
-    parser.add_argument("--distill-windows", type=int, default=64,
-                        help="training windows for the distilled variant (after the calibration windows)")
-    parser.add_argument("--only", help="variant names separated by ;: run those (and dense) and replace "
-                                       "their rows in --out, keeping the others")
+    parser.add_argument("--distill-windows", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64, help="decode: tokens generated")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/graphprune-llm-quality"),
+                        help="where the pruned models are kept")
+    parser.add_argument("--only-timing", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm_quality.json"))
     args = parser.parse_args()
     import pydoc_data.topics
 
+    started = time.perf_counter()
     tokenizer = smollm2.tokenizer()
     docs = text_windows("\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)),
                         tokenizer, 256)
@@ -72,48 +189,95 @@ def main() -> None:
         raise SystemExit(f"only {len(docs)} windows: calibration and evaluation would overlap")
     held_out = docs[-args.eval:]
     other = text_windows(" ".join(other_sentences()), tokenizer, 256, args.eval)
-    started = time.perf_counter()
+    prompt = np.asarray([tokenizer(PROMPT)["input_ids"]], np.int64)
     folder = smollm2.cache_dir() / "smollm2"
-    dense_path = folder / "plain.onnx"
-    if not dense_path.is_file():
-        smollm2.export_plain(dense_path)
-    dense = graphprune.load_model(dense_path)
-    calibration = causal_feeds(dense, docs[:args.calib], {})
-    rows = []
+    genai_path, plain_path = folder / "genai" / "model.onnx", folder / "plain.onnx"
+    if not genai_path.is_file():
+        smollm2.export_genai(genai_path.parent)
+    if not plain_path.is_file():
+        smollm2.export_plain(plain_path)
+    args.work.mkdir(parents=True, exist_ok=True)
+    manifest = args.work / "rows.json"
+    rows = json.loads(manifest.read_text()) if args.only_timing else []
+    shares = [float(s) for s in args.shares.split(",")]
+    methods = [m for m in (args.methods.split(";") if args.methods else METHODS)
+               if args.tp or m != "Torch-Pruning LLM recipe" or args.methods]
 
-    def score(model, name: str, seconds: float, report=None) -> None:
-        row = {"variant": name, "params": model.param_count(),
-               "ppl_docs": round(perplexity(model, held_out).perplexity, 3),
-               "ppl_other": round(perplexity(model, other).perplexity, 3), "seconds": round(seconds, 1)}
-        if report is not None:
-            row["cut"] = sorted({(g["kind"], g["units_before"], g["units_after"]) for g in report.groups
-                                 if g["units_after"] is not None and g["units_after"] < g["units_before"]})
+    dense = graphprune.load_model(genai_path)
+    dense_params = {"genai": dense.param_count(), "plain": graphprune.load_model(plain_path).param_count()}
+    calibration = {"genai": causal_feeds(dense, docs[:args.calib])}
+
+    def measure(model, row: dict) -> None:
+        total = model.param_count()
+        row |= {"params": total, "share_removed": round((dense_params[row["export"]] - total) / NON_EMBEDDING, 4),
+                "ppl_docs": round(perplexity(model, held_out).perplexity, 3),
+                "ppl_other": round(perplexity(model, other).perplexity, 3)}
         rows.append(row)
-        print(row, flush=True)
+        manifest.write_text(json.dumps(rows, indent=1))
+        print({k: v for k, v in row.items() if k != "path"}, flush=True)
 
-    score(dense, "dense", 0.0)
-    chosen = variants(args.ratio)
-    if args.only:
-        chosen = {name: chosen[name] for name in args.only.split(";")}
-    for name, options in chosen.items():
-        model = graphprune.load_model(dense_path)
-        start = time.perf_counter()
-        options = dict(options)
-        distilled = options.pop("distill", False)
-        report = graphprune.prune(model, calibration=None if options.get("importance") == "l2" else calibration,
-                                  **options)
-        if distilled:  # next-token KL (teacher's top 64) on the windows after the calibration ones
-            train = causal_feeds(dense, docs[args.calib:args.calib + args.distill_windows], {})
-            distill(model, dense, train, DistillOptions(epochs=1, lr=1e-4, batch=4, loss="kl", temperature=1.0,
-                                                        top_k=64))
-        score(model, name, time.perf_counter() - start, report)
-    if args.only and args.out.is_file():  # the other variants' rows stay as measured before
-        fresh = {row["variant"] for row in rows}
-        rows = [row for row in json.loads(args.out.read_text())["rows"] if row["variant"] not in fresh] + rows
-    setup = {k: v for k, v in vars(args).items() if k != "out"}
-    setup["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    if not args.only_timing:
+        measure(dense, {"method": "dense", "share": 0.0, "export": "genai", "path": str(genai_path), "seconds": 0.0})
+        measure(graphprune.load_model(plain_path), {"method": "dense (plain export)", "share": 0.0, "export": "plain",
+                                                    "path": str(plain_path), "seconds": 0.0})
+        for share in shares:
+            for method in methods:
+                if method.endswith("distill") and share not in [float(s) for s in args.distill_shares.split(",")]:
+                    continue
+                name = f"{method} @ {share:g}".replace(" ", "_").replace(",", "").replace("+", "and")
+                row = {"method": method, "share": share, "export": "plain" if method == "block removal" else "genai"}
+                start = time.perf_counter()
+                if method == "Torch-Pruning LLM recipe":
+                    target = args.work / name
+                    if not (target / "tp.json").is_file():
+                        shutil.rmtree(target, ignore_errors=True)
+                    target.mkdir(exist_ok=True)
+                    try:
+                        made = torch_pruning_llm(share, target)
+                    except Exception as exc:  # noqa: BLE001 - the peer's failure is a result to report
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                        rows.append(row)
+                        print(row, flush=True)
+                        continue
+                    row |= {k: v for k, v in made.items() if k != "path"}
+                    row |= {"path": str(made["path"]), "seconds": round(time.perf_counter() - start, 1)}
+                    measure(graphprune.load_model(made["path"]), row)
+                    continue
+                options = options_for(method.removesuffix(" + distill"), share)
+                if options is None:
+                    continue
+                source = plain_path if row["export"] == "plain" else genai_path
+                model = graphprune.load_model(source)
+                if source == plain_path and "plain" not in calibration:
+                    calibration["plain"] = causal_feeds(model, docs[:args.calib])
+                feeds = calibration["plain" if source == plain_path else "genai"]
+                report = graphprune.prune(model, calibration=None if method == "l2" else feeds, **options)
+                if method.endswith("distill"):
+                    train = causal_feeds(dense, docs[args.calib:args.calib + args.distill_windows])
+                    distill(model, dense, train, DistillOptions(epochs=1, lr=1e-4, batch=4, loss="kl",
+                                                                temperature=1.0, top_k=64))
+                path = graphprune.save_model(model, args.work / f"{name}.onnx")
+                row |= {"options": options, "verified": report.verified, "path": str(path),
+                        "seconds": round(time.perf_counter() - start, 1),
+                        "cut": sorted({(g["kind"], g["units_before"], g["units_after"]) for g in report.groups
+                                       if g["units_after"] is not None and g["units_after"] < g["units_before"]})}
+                measure(model, row)
+    paths = {f"{row['method']} @ {row['share']:g}": Path(row["path"]) for row in rows if "path" in row}
+    timed = timings(paths, held_out[0], prompt, args.tokens, args.rounds)
+    reference = {"genai": timed["dense @ 0"], "plain": timed["dense (plain export) @ 0"]}
+    for row in rows:
+        if "path" not in row:
+            continue
+        figures = timed[f"{row['method']} @ {row['share']:g}"]
+        base = reference[row["export"]]
+        row |= figures
+        row["prefill_speedup"] = round(base["prefill_ms"] / figures["prefill_ms"], 3)
+        if figures["decode_tok_s"] and base["decode_tok_s"]:
+            row["decode_speedup"] = round(figures["decode_tok_s"] / base["decode_tok_s"], 3)
+    setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    setup |= {"minutes": round((time.perf_counter() - started) / 60, 1), "non_embedding_params": non_embedding}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -86,6 +86,23 @@ class Model:
             proto.metadata_props.add(key=key, value=value)
         return proto
 
+    def skeleton(self) -> onnx.ModelProto:
+        """`weightless_copy(self.to_onnx())` without exporting the big weights first: each is
+        exported as a bytes-free stub, then declared a graph input of its type and shape."""
+        big = [c for c in self.constants().values()
+               if int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize > weights.MAPPED_MIN_BYTES]
+        held = [(const, const._values) for const in big]
+        for const, values in held:
+            stub = onnx.TensorProto(name=const.name, data_type=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(const.dtype)),
+                                    dims=list(const.shape), data_location=onnx.TensorProto.EXTERNAL)
+            stub.external_data.add(key="location", value="graphprune-skeleton")
+            const._values = gs.ir.tensor.LazyValues(stub)
+        try:
+            return weightless_copy(self.to_onnx())
+        finally:
+            for const, values in held:
+                const._values = values
+
     def copy(self) -> Model:
         """A structural copy; weight arrays are shared, so edits must assign new arrays, never mutate."""
         return Model(self.graph.copy(), self.ir_version, self.producer_name, dict(self.metadata), self.source,
@@ -151,7 +168,7 @@ class Model:
                 break
 
     def _infer_once(self, graph_io: set[str]) -> None:
-        skeleton = weightless_copy(self.to_onnx())
+        skeleton = self.skeleton()
         inferred = _symbolic_inference(skeleton)
         if inferred is None:
             try:

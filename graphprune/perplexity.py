@@ -56,9 +56,12 @@ def text_windows(text: str, tokenizer, window: int, limit: int | None = None) ->
     return token_windows(tokenizer(text, add_special_tokens=False)["input_ids"], window, limit)
 
 
-def causal_feeds(model: Model, ids: np.ndarray, implied: dict[str, int]) -> dict[str, np.ndarray]:
+def causal_feeds(model: Model, ids: np.ndarray, implied: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Inputs for a batch of token windows: ids, an all-ones mask, positions and empty caches where
-    the model takes them."""
+    the model takes them (`implied`: the cache's symbolic sizes, `runtime.implied_dims`, found here
+    when not given)."""
+    if implied is None:
+        implied = runtime.implied_dims(model.to_onnx())
     names = {t.name: t for t in model.graph.inputs}
     if "input_ids" not in names:
         raise PerplexityError("the model has no 'input_ids' input")

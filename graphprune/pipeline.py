@@ -74,6 +74,11 @@ class RewritePass(Pass):
     def lossless(self) -> bool:
         return False
 
+    #: the pass changes how the graph is written, not what it computes (unshare-constants copies a
+    #: shared weight per reader): the pass manager checks its result with the next verification
+    #: (after the next rewrite, or `verify-model`) instead of an ORT run of its own
+    same_computation: bool = False
+
     def check(self, model: Model, am: AnalysisManager) -> None:
         """Validate options before anything runs; raise OptionError with advice."""
 
@@ -308,6 +313,7 @@ class PassManager:
             shapes, reference = check.output_shapes, dense
             self.am.context.update(feeds=feeds, dense_outputs=dense, output_shapes=shapes)
         done: list[str] = []
+        unchecked: list[str] = []  # same-computation rewrites since the last verification
         for index, p in enumerate(self.passes):
             if self.progress:
                 self.progress(p.name, index, len(self.passes))
@@ -348,12 +354,16 @@ class PassManager:
             if isinstance(p, RewritePass) and outcome.modified:
                 self.am.invalidate()
                 self.am.context.pop(LAST_VERIFICATION, None)
-                if self.verify:
+                if p.same_computation:
+                    unchecked.append(p.name)
+                elif self.verify:
                     tolerance = LOSSLESS_TOLERANCE if p.lossless else None
+                    names = " and ".join(f"'{name}'" for name in [*unchecked, p.name])
+                    unchecked = []
                     try:
                         check, reference = runtime.verify(model.to_onnx(), feeds, shapes, reference, tolerance)
                     except VerificationError as exc:
-                        raise VerificationError(f"pass '{p.name}' produced a model that does not verify: "
+                        raise VerificationError(f"pass {names} produced a model that does not verify: "
                                                 f"{exc}{_after(done)}") from exc
                     if check.max_abs_diff is not None:
                         outcome.stats.setdefault("output_change", check.max_abs_diff)
@@ -361,6 +371,12 @@ class PassManager:
             _update_groups(report, outcome.stats.pop("group_units", None))
             report.passes.append(PassRecord(p.name, round(seconds, 4), outcome.modified, outcome.stats))
             done.append(p.name)
+        if unchecked and self.verify and LAST_VERIFICATION not in self.am.context:
+            try:  # no rewrite or verify-model came after them
+                check, reference = runtime.verify(model.to_onnx(), feeds, shapes, reference, LOSSLESS_TOLERANCE)
+            except VerificationError as exc:
+                names = " and ".join(f"'{name}'" for name in unchecked)
+                raise VerificationError(f"pass {names} produced a model that does not verify: {exc}") from exc
         after = cost.totals(model)
         report.params_after, report.macs_after, report.flops_after = after.params, after.macs, after.flops
         if self.verify:

@@ -20,6 +20,7 @@ class UnshareConstantsPass(RewritePass):
 
     name = "unshare-constants"
     aliases = ("unshare",)
+    same_computation = True
 
     @property
     def lossless(self) -> bool:

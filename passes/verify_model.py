@@ -26,4 +26,5 @@ class VerifyModelPass(AnalysisPass):
         proto = model.to_onnx()
         feeds = am.context.get("feeds") or runtime.sample_inputs(proto)
         check, _ = runtime.verify(proto, feeds, am.context.get("output_shapes"), am.context.get("dense_outputs"))
+        am.context[LAST_VERIFICATION] = check
         return check

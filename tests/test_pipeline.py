@@ -175,3 +175,48 @@ def test_only_dead_unit_removal_is_declared_lossless() -> None:
     assert not parse_pipeline("prune{threshold=0.1}")[0].lossless
     assert not parse_pipeline("prune{ratio=0.1}")[0].lossless
     assert all(parse_pipeline(name)[0].lossless for name in ("unshare", "cleanup"))
+
+
+class _SameComputationBreaking(_Infinite):
+    """Test pass: claims to leave the computation as it was, yet makes the outputs infinite."""
+
+    name = "test-same-but-broken"
+    same_computation = True
+
+
+@pytest.mark.parametrize("pipeline,names", [
+    ("test-same-but-broken", "pass 'test-same-but-broken'"),  # verified at the end
+    ("test-same-but-broken,prune{ratio=0.5}", "pass 'test-same-but-broken' and 'prune-units'"),
+    ("test-same-but-broken,verify", "NaN or infinite"),  # verify-model's own run
+])
+def test_a_same_computation_rewrite_is_checked_by_the_next_verification(trained_simple_net, monkeypatch, pipeline,
+                                                                          names) -> None:
+    """unshare-constants only copies shared weights: the manager runs no ORT check of its own after
+    it (a 135M-parameter LLM spends seconds per check) but the next one covers it, and when none
+    comes a final check does; a breaking pass is still caught and named."""
+    from graphprune import runtime
+
+    REGISTRY[_SameComputationBreaking.name] = _SameComputationBreaking
+    try:
+        with pytest.raises(VerificationError, match="NaN or infinite") as info:
+            PassManager(parse_pipeline(pipeline)).run(graphprune.load_model(trained_simple_net.path))
+        assert names in str(info.value)
+    finally:
+        REGISTRY.pop(_SameComputationBreaking.name)
+    calls = []
+    original = runtime.verify
+    monkeypatch.setattr(runtime, "verify", lambda *a, **k: calls.append(1) or original(*a, **k))
+    from graphprune.testing import model_from_text
+
+    model = model_from_text("""
+# weights: w
+<ir_version: 10, opset_import: ["" : 20]>
+twice (float[N, 6] x, float[6, 6] w) => (float[N, 6] y)
+{
+  a = MatMul (x, w)
+  r = Relu (a)
+  y = MatMul (r, w)
+}""")  # one weight read by both layers: unshare gives each its copy, and then a unit can go
+    report = PassManager(parse_pipeline("unshare,deps,prune{ratio=0.5},verify")).run(model)
+    assert report.passes[0].modified and report.passes[2].modified and report.verified
+    assert len(calls) == 2  # the dense model, and after prune (covering unshare); verify-model reuses it
