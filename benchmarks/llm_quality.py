@@ -176,7 +176,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds")
     parser.add_argument("--work", type=Path, default=Path("/tmp/graphprune-llm-quality"),
                         help="where the pruned models are kept")
-    parser.add_argument("--only-timing", action="store_true")
+    parser.add_argument("--only-timing", action="store_true", help="time the models of the rows in --work")
+    parser.add_argument("--append", action="store_true", help="add rows to those in --work (no dense rows)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm_quality.json"))
     args = parser.parse_args()
     import pydoc_data.topics
@@ -198,7 +199,7 @@ def main() -> None:
         smollm2.export_plain(plain_path)
     args.work.mkdir(parents=True, exist_ok=True)
     manifest = args.work / "rows.json"
-    rows = json.loads(manifest.read_text()) if args.only_timing else []
+    rows = json.loads(manifest.read_text()) if args.only_timing or args.append else []
     shares = [float(s) for s in args.shares.split(",")]
     methods = [m for m in (args.methods.split(";") if args.methods else METHODS)
                if args.tp or m != "Torch-Pruning LLM recipe" or args.methods]
@@ -216,10 +217,11 @@ def main() -> None:
         manifest.write_text(json.dumps(rows, indent=1))
         print({k: v for k, v in row.items() if k != "path"}, flush=True)
 
-    if not args.only_timing:
+    if not args.only_timing and not args.append:
         measure(dense, {"method": "dense", "share": 0.0, "export": "genai", "path": str(genai_path), "seconds": 0.0})
         measure(graphprune.load_model(plain_path), {"method": "dense (plain export)", "share": 0.0, "export": "plain",
                                                     "path": str(plain_path), "seconds": 0.0})
+    if not args.only_timing:
         for share in shares:
             for method in methods:
                 if method.endswith("distill") and share not in [float(s) for s in args.distill_shares.split(",")]:
@@ -262,6 +264,9 @@ def main() -> None:
                         "cut": sorted({(g["kind"], g["units_before"], g["units_after"]) for g in report.groups
                                        if g["units_after"] is not None and g["units_after"] < g["units_before"]})}
                 measure(model, row)
+    if not args.rounds:
+        print(f"measured {len(rows)} rows into {manifest}; time them with --only-timing")
+        return
     paths = {f"{row['method']} @ {row['share']:g}": Path(row["path"]) for row in rows if "path" in row}
     timed = timings(paths, held_out[0], prompt, args.tokens, args.rounds)
     reference = {"genai": timed["dense @ 0"], "plain": timed["dense (plain export) @ 0"]}
