@@ -280,7 +280,7 @@ def main() -> None:
         if figures["decode_tok_s"] and base["decode_tok_s"]:
             row["decode_speedup"] = round(figures["decode_tok_s"] / base["decode_tok_s"], 3)
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    setup |= {"minutes": round((time.perf_counter() - started) / 60, 1), "non_embedding_params": non_embedding}
+    setup |= {"minutes": round((time.perf_counter() - started) / 60, 1), "non_embedding_params": NON_EMBEDDING}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")

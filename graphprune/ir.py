@@ -92,9 +92,10 @@ class Model:
         big = [c for c in self.constants().values()
                if int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize > weights.MAPPED_MIN_BYTES]
         held = [(const, const._values) for const in big]
-        for const, values in held:
-            stub = onnx.TensorProto(name=const.name, data_type=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(const.dtype)),
-                                    dims=list(const.shape), data_location=onnx.TensorProto.EXTERNAL)
+        for const in big:
+            data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(const.dtype))
+            stub = onnx.TensorProto(name=const.name, data_type=data_type, dims=list(const.shape),
+                                    data_location=onnx.TensorProto.EXTERNAL)
             stub.external_data.add(key="location", value="graphprune-skeleton")
             const._values = gs.ir.tensor.LazyValues(stub)
         try:
