@@ -14,11 +14,9 @@ descriptions and the system's licence texts).
 
 A share is of the 106.2M non-embedding parameters (the tied 28.3M embedding is not pruned by
 anyone here); each row states the share it reached. Methods:
-- `l2`, `wanda-sp` (`--importance activation`), `flap` (fluctuation + bias compensation): a uniform
-  ratio over every group, found by `--target-params` (0.34 of the 3 KV heads is the first ratio
-  that cuts one, so small shares cut FFN neurons only);
-- `obs + reconstruct`: FFN neurons only (`--ffn-ratio`, the share over the FFN's 75% of the
-  parameters), one sequential pass;
+- `l2`, `wanda-sp` (`--importance activation`), `flap` (fluctuation + bias compensation) and
+  `obs + reconstruct` (one sequential pass): FFN neurons only, the same share of every layer's
+  (`--ratio 0 --ffn-ratio F`, F = the share over the FFN's 75% of the parameters);
 - `obs + reconstruct, KV heads`: one KV head of 3 (and its query heads) in every layer plus FFN
   neurons for the rest of the share (shares of 10% have no room for a head);
 - `block removal`: `--drop-blocks N` (Block Influence on the calibration windows), N = share x 30
@@ -74,7 +72,7 @@ def options_for(method: str, share: float) -> dict | None:
     removed = share * NON_EMBEDDING
     if method in ("l2", "wanda-sp", "flap"):
         importance = {"wanda-sp": "activation"}.get(method, method)
-        return {"target_params": round(1 - removed / TOTAL, 4), "importance": importance}
+        return {"ratio": 0.0, "ffn_ratio": round(removed / FFN, 4), "importance": importance}
     if method == "obs + reconstruct":
         return {"ratio": 0.0, "ffn_ratio": round(removed / FFN, 4), "importance": "obs", "reconstruct": True}
     if method == "obs + reconstruct, KV heads":
