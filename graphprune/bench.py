@@ -29,6 +29,8 @@ from rich.table import Table
 from graphprune import cost, runtime
 from graphprune.errors import OptionError
 from graphprune.ir import Model, load_model
+from graphprune.perplexity import causal_feeds
+from graphprune.state import cache_pairs, fit_empty_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +138,14 @@ def random_feeds(proto: onnx.ModelProto, shapes: dict[str, list[int]], seed: int
     from graphprune.calib import model_inputs
 
     rng = np.random.default_rng(seed)
-    return {value.name: runtime.random_array(rng, shapes[value.name],
-                                             onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
-            for value in model_inputs(proto)}
+    feeds = {}
+    for value in model_inputs(proto):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if value.name == "attention_mask" and np.issubdtype(dtype, np.integer):  # as runtime.sample_inputs
+            feeds[value.name] = np.ones(shapes[value.name], dtype)
+        else:
+            feeds[value.name] = runtime.random_array(rng, shapes[value.name], dtype)
+    return feeds
 
 
 def macs_at(model: Model, shapes: dict[str, list[int]]) -> int:
@@ -208,7 +215,8 @@ def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int 
 
     Inputs are seeded random ones with symbolic dims set from `batch` (first axis), `seq` (other
     axes) and `shapes` (explicit, per input name), unless `feeds` gives them (e.g. real token ids);
-    models with different inputs each get their own. `memory` adds the peak session memory (a
+    models with different inputs each get their own. A decoder with a KV cache runs a prefill:
+    `batch` x `seq` token ids with empty caches (fitted to each model's heads). `memory` adds the peak session memory (a
     child process per model: a few seconds each).
     """
     if min(batch, threads, runs, repeats, seq) < 1 or warmup < 0:
@@ -219,9 +227,13 @@ def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int 
     for path in paths:
         model = load_model(path)
         proto = model.to_onnx()
-        model_shapes = input_shapes(proto, batch, seq, shapes or {}) if given is None else \
-            {name: list(array.shape) for name, array in given.items()}
-        model_feeds = given if given is not None else random_feeds(proto, model_shapes, seed)
+        if given is not None:  # a pruned KV cache has fewer heads: its empty caches are fitted to it
+            model_feeds = fit_empty_inputs({t.name: t.shape for t in model.graph.inputs}, given)
+        elif cache_pairs(model) and not shapes:  # a decoder's prefill: batch x seq tokens, empty caches
+            model_feeds = causal_feeds(model, np.random.default_rng(seed).integers(0, 2, (batch, seq)))
+        else:
+            model_feeds = random_feeds(proto, input_shapes(proto, batch, seq, shapes or {}), seed)
+        model_shapes = {name: list(array.shape) for name, array in model_feeds.items()}
         sess = runtime.session(proto, threads=threads, providers=chosen)
         for _ in range(warmup):
             sess.run(None, model_feeds)

@@ -79,13 +79,17 @@ def load_labels(path: Path, proto: onnx.ModelProto) -> np.ndarray | None:
 
 def random_calibration(proto: onnx.ModelProto, samples: int = RANDOM_SAMPLES, seed: int = 0,
                        dynamic_dim: int = runtime.DEFAULT_DYNAMIC_DIM) -> dict[str, np.ndarray]:
-    """Seeded random inputs; the first axis holds `samples`, other symbolic dims `dynamic_dim`."""
+    """Seeded random inputs; the first axis holds `samples`, other symbolic dims `dynamic_dim`; an
+    integer `attention_mask` is all ones, as in `runtime.sample_inputs`."""
     feeds = runtime.sample_inputs(proto, seed=seed, dynamic_dim=dynamic_dim)
     rng = np.random.default_rng(seed)
     out = {}
     for name, array in feeds.items():
         shape = (samples,) + array.shape[1:] if array.ndim else (samples,)
-        out[name] = runtime.random_array(rng, shape, array.dtype)
+        if name == "attention_mask" and np.issubdtype(array.dtype, np.integer):
+            out[name] = np.ones(shape, array.dtype)  # a random 0/1 mask can leave a row nothing to attend to
+        else:
+            out[name] = runtime.random_array(rng, shape, array.dtype)
     return out
 
 

@@ -59,6 +59,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'unshare,deps,importance{kind=l1},"
                                       "prune{ratio=0.5},cleanup,verify' (replaces the options above)")
     p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--eval-data", type=Path, metavar="FILE.npz",
+                   help="causal LMs: perplexity before and after on these token windows (input_ids "
+                        "[windows, tokens], e.g. `graphprune calib --causal` of held-out text), in the report")
     p.add_argument("--report-dir", type=Path, metavar="DIR",
                    help="write report.json and charts (units.png: units kept per group; importance.png: the "
                         "score spread per group) into DIR")
@@ -125,6 +128,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=30, help="timed runs per model per round (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
+    p.add_argument("--eval-data", type=Path, metavar="FILE.npz",
+                   help="causal LMs: also the perplexity of every model on these token windows (held-out text)")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -334,12 +339,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = _loaded(args)
     calibration = _calibration(args.calib, model, args.seed)
     labels = _labels(args.calib, model)
+    held_out = None if args.eval_data is None else _windows(None, None, 0, None, args.eval_data)
+    dense_perplexity = None if held_out is None else _perplexity(model, held_out, "dense")
     with progress.status(console, "pruning") as status:
         def show(name: str, index: int, total: int) -> None:
             status.update(f"[{index + 1}/{total}] {name}")
 
         report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=show,
                            seed=args.seed, calibration=calibration, labels=labels, **options)
+    if held_out is not None:
+        report.perplexity = {"dense": dense_perplexity, "pruned": _perplexity(model, held_out, "pruned"),
+                             "windows": len(held_out), "window": int(held_out.shape[1])}
     save_model(model, args.output, external=True if args.external_data else None)
     if args.config is not None:
         from graphprune.configs import write_config
@@ -423,16 +433,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                      "seq": args.seq, "shapes": parse_shapes(args.shape)}
     if calibration is not None and not args.shape:  # time real inputs, --batch of them
         bench_options["feeds"] = {name: array[:args.batch] for name, array in calibration.items()}
+    eval_windows = None if args.eval_data is None else _windows(None, None, 0, None, args.eval_data)
     with progress.status(console, "sweeping") as status:
         points = sweep(input_path, ratios, args.out, feeds, options, calibration=calibration,
                        labels=_labels(args.calib, model), bench_options=bench_options,
-                       progress=lambda text: status.update(text))
+                       progress=lambda text: status.update(text), eval_windows=eval_windows)
     table = Table(title=f"graphprune sweep: {args.input.name} ({len(next(iter(feeds.values())))} fidelity samples)")
-    for column in ("removed", "model", "params", "MACs", "p50 ms", "speedup", "cosine", "top-1"):
+    columns = ["removed", "model", "params", "MACs", "p50 ms", "speedup", "cosine", "top-1"]
+    columns += ["perplexity"] if eval_windows is not None else []
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for p in points:
-        table.add_row(f"{p.ratio:.0%}", Path(p.path).name, f"{p.params:,}", f"{p.macs:,}", f"{p.latency_ms:.3f}",
-                      f"{p.speedup:.2f}x", f"{p.cosine:.4f}", "-" if p.top1_agreement is None else f"{p.top1_agreement:.3f}")
+        cells = [f"{p.ratio:.0%}", Path(p.path).name, f"{p.params:,}", f"{p.macs:,}", f"{p.latency_ms:.3f}",
+                 f"{p.speedup:.2f}x", f"{p.cosine:.4f}", "-" if p.top1_agreement is None else f"{p.top1_agreement:.3f}"]
+        table.add_row(*cells, *([f"{p.perplexity:.3f}"] if p.perplexity is not None else []))
     console.print(table)
     console.print(f"wrote {args.out}/: the pruned models (every one verified), sweep.json, sweep.csv, sweep.png")
     return 0
@@ -626,18 +640,25 @@ def _windows(text: Path | None, tokenizer: str | None, window: int, limit: int |
     return text_windows(text.read_text(errors="replace"), load_tokenizer(tokenizer), window, limit)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _perplexity_result(model, windows, label: str, threads: int = 2):
+    """`perplexity.perplexity` with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from graphprune.perplexity import perplexity
 
-    windows = _windows(args.text, args.tokenizer, args.window, args.windows, args.data)
-    model = load_model(args.model)
-    columns = (TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn(f"perplexity ({label})"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress.enabled(console)) as bar:
         task = bar.add_task("eval", total=len(windows))
-        result = perplexity(model, windows, threads=args.threads,
-                            progress=lambda done, total: bar.update(task, completed=done))
+        return perplexity(model, windows, threads=threads, progress=lambda done, total: bar.update(task, completed=done))
+
+
+def _perplexity(model, windows, label: str) -> float:
+    return round(_perplexity_result(model, windows, label).perplexity, 4)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    windows = _windows(args.text, args.tokenizer, args.window, args.windows, args.data)
+    result = _perplexity_result(load_model(args.model), windows, args.model.name, args.threads)
     console.print(f"perplexity {result.perplexity:.3f} over {result.tokens:,} tokens ({result.windows} windows of "
                   f"{result.window}; mean NLL {result.nll:.4f} nats)")
     if args.report:
@@ -700,6 +721,10 @@ def print_report(report: Report, output: Path) -> None:
     console.print(table)
     passes = ", ".join(f"{p.name} {p.seconds:.2f}s" for p in report.passes)
     console.print(f"passes: {passes}")
+    if report.perplexity:
+        before, after = report.perplexity["dense"], report.perplexity["pruned"]
+        console.print(f"perplexity on {report.perplexity['windows']} held-out windows: {before:.3f} -> {after:.3f} "
+                      f"(x{after / before:.3f})")
     verdict = "verified (onnx.checker, ORT run, output shapes)" if report.verified else "NOT verified"
     console.print(f"{verdict}; max output change vs input model: {report.max_output_diff or 0:.3g}")
 

@@ -35,7 +35,7 @@ from graphprune.calib import ATTENTION_MASK, batches, dynamic_sequence, position
 from graphprune.errors import GraphpruneError, OptionError, VerificationError
 from graphprune.ir import Model
 from graphprune.lowering import lower, write_back
-from graphprune.state import state_tensors
+from graphprune.state import fit_empty_inputs, state_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -145,18 +145,6 @@ def _with_rest(log_probs: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of some classes, and one more column: the log of the mass left over."""
     rest = torch.log1p(-log_probs.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
     return torch.cat([log_probs, rest], dim=-1)
-
-
-def fit_empty_inputs(shapes: dict[str, tuple | list | None], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Empty inputs (a KV cache before the first token) reshaped to a model's declared static dims:
-    a student's cache may have lost heads that the teacher's still has."""
-    fitted = dict(feeds)
-    for name, array in feeds.items():
-        shape = shapes.get(name)
-        if not array.size and shape is not None and len(shape) == array.ndim:
-            fitted[name] = np.zeros([d if isinstance(d, int) else n for d, n in zip(shape, array.shape, strict=True)],
-                                    array.dtype)
-    return fitted
 
 
 class _Objective:

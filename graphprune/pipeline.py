@@ -260,6 +260,8 @@ class Report:
     max_output_diff: float | None = None
     #: state inputs and outputs (a KV cache) that lost units: name -> axis -> kept indices
     state: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    #: a causal LM's perplexity before and after on held-out windows (`prune --eval-data`)
+    perplexity: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

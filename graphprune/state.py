@@ -73,3 +73,15 @@ def empty_caches(model: Model, batch: int, implied: dict[str, int]) -> dict[str,
                                       "an empty cache")
         caches[past.name] = np.zeros(shape, past.dtype or np.float32)
     return caches
+
+
+def fit_empty_inputs(shapes: dict[str, tuple | list | None], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Empty inputs (a KV cache before the first token) reshaped to a model's declared static dims:
+    a student's cache may have lost heads that the teacher's still has."""
+    fitted = dict(feeds)
+    for name, array in feeds.items():
+        shape = shapes.get(name)
+        if not array.size and shape is not None and len(shape) == array.ndim:
+            fitted[name] = np.zeros([d if isinstance(d, int) else n for d, n in zip(shape, array.shape, strict=True)],
+                                    array.dtype)
+    return fitted

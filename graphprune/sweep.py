@@ -27,6 +27,8 @@ from graphprune.bench import bench_models
 from graphprune.calib import batches, positions
 from graphprune.errors import OptionError
 from graphprune.ir import load_model, save_model
+from graphprune.pipeline import take_state
+from graphprune.state import state_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class SweepPoint:
     speedup_rounds: list[float]
     cosine: float  # mean per-sample cosine to the dense outputs
     top1_agreement: float | None  # 2-D outputs only
+    perplexity: float | None = None  # causal LMs, on the held-out `eval_windows`
 
 
 def _outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
@@ -51,12 +54,13 @@ def _outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[list[np.ndarray]]
 
 
 def fidelity(dense: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
-             feeds: dict[str, np.ndarray]) -> tuple[float, float | None]:
-    """(mean per-sample cosine over float outputs, top-1 agreement of 2-D outputs or None)."""
+             feeds: dict[str, np.ndarray], skip: frozenset[int] = frozenset()) -> tuple[float, float | None]:
+    """(mean per-sample cosine over float outputs, top-1 agreement of 2-D outputs or None); the
+    outputs at positions `skip` (a KV cache's presents: state, not predictions) are left out."""
     cosines, agree = [], []
     for chunk, ours, theirs in zip(batches(feeds, 32), pruned, dense, strict=True):
-        for a, b in zip(ours, theirs, strict=True):
-            if not np.issubdtype(a.dtype, np.floating):
+        for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            if not np.issubdtype(a.dtype, np.floating) or index in skip:
                 continue
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             mask = positions(chunk, b64)
@@ -74,8 +78,10 @@ def fidelity(dense: list[list[np.ndarray]], pruned: list[list[np.ndarray]],
 def sweep(dense_path: Path, ratios: list[float], out: Path, feeds: dict[str, np.ndarray],
           prune_options: dict, calibration: dict[str, np.ndarray] | None = None, labels=None,
           bench_options: dict | None = None,
-          progress: Callable[[str], None] | None = None) -> list[SweepPoint]:
-    """Prune `dense_path` at each ratio into `out`, measure, and write sweep.json/.csv/.png there."""
+          progress: Callable[[str], None] | None = None,
+          eval_windows: np.ndarray | None = None) -> list[SweepPoint]:
+    """Prune `dense_path` at each ratio into `out`, measure, and write sweep.json/.csv/.png there;
+    `eval_windows` (token windows of held-out text): each model's perplexity too (causal LMs)."""
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise OptionError(f"--ratios must be fractions in (0, 1), got {ratios}")
     if len(set(ratios)) != len(ratios):
@@ -87,19 +93,30 @@ def sweep(dense_path: Path, ratios: list[float], out: Path, feeds: dict[str, np.
             progress(text)
 
     reference = _outputs(dense_path, feeds)
-    paths, scores = [dense_path], [(1.0, fidelity(reference, reference, feeds)[1])]
+    dense = load_model(dense_path)
+    state = state_tensors(dense)
+    skip = frozenset(i for i, t in enumerate(dense.graph.outputs) if t.name in state)
+    paths, scores = [dense_path], [(1.0, fidelity(reference, reference, feeds, skip)[1])]
     for ratio in sorted(ratios):
         say(f"pruning {ratio:.0%}")
         model = load_model(dense_path)
-        api.prune(model, ratio=ratio, calibration=calibration, labels=labels, **prune_options)
+        report = api.prune(model, ratio=ratio, calibration=calibration, labels=labels, **prune_options)
         path = save_model(model, out / f"ratio-{round(ratio * 100):02d}.onnx")
         paths.append(path)
-        scores.append(fidelity(reference, _outputs(path, feeds), feeds))
+        ours = take_state(feeds, report.state)  # without the cache heads the model lost
+        scores.append(fidelity(reference, _outputs(path, ours), feeds, skip))
+    perplexities: list[float | None] = [None] * len(paths)
+    if eval_windows is not None:
+        from graphprune.perplexity import perplexity
+
+        say(f"perplexity of {len(paths)} models on {len(eval_windows)} windows")
+        perplexities = [round(perplexity(load_model(path), eval_windows).perplexity, 4) for path in paths]
     say(f"timing {len(paths)} models side by side")
     timed = bench_models(paths, **(bench_options or {}))
     points = [SweepPoint(ratio, str(path), t.params, t.macs, round(t.latency_ms_median, 4), round(t.speedup, 4),
-                         t.speedup_rounds, round(cos, 5), None if top1 is None else round(top1, 4))
-              for ratio, path, t, (cos, top1) in zip([0.0] + sorted(ratios), paths, timed, scores, strict=True)]
+                         t.speedup_rounds, round(cos, 5), None if top1 is None else round(top1, 4), ppl)
+              for ratio, path, t, (cos, top1), ppl in zip([0.0] + sorted(ratios), paths, timed, scores, perplexities,
+                                                          strict=True)]
     (out / "sweep.json").write_text(json.dumps([asdict(p) for p in points], indent=2) + "\n")
     with open(out / "sweep.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[f for f in asdict(points[0]) if f != "speedup_rounds"])

@@ -216,3 +216,33 @@ def test_text_distillation_with_top_k_kl_brings_a_pruned_cache_model_closer_to_i
     result = distill(student, teacher, feeds, DistillOptions(epochs=4, lr=1e-3, batch=8, loss="kl", top_k=8))
     assert result.loss_after < 0.8 * result.loss_before
     assert verify_student(student, teacher, feeds).output_shapes
+
+
+def test_prune_and_sweep_report_perplexity_on_held_out_windows(genai_llama, tmp_path) -> None:
+    """`--eval-data` (token windows of held-out text): `prune` reports the perplexity before and
+    after, `sweep` one per model; each equals what `graphprune eval` says of that model."""
+    import numpy as np
+
+    calib, held_out = tmp_path / "calib.npz", tmp_path / "held_out.npz"
+    for path, seed in ((calib, 1), (held_out, 2)):
+        ids = np.random.default_rng(seed).integers(3, 100, (8, 24))
+        np.savez(path, input_ids=ids)
+
+    def evaluated(model_path) -> float:
+        report = tmp_path / "ppl.json"
+        assert main(["eval", str(model_path), "--data", str(held_out), "--report", str(report)]) == 0
+        return json.loads(report.read_text())["perplexity"]
+
+    out, report_path = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(genai_llama), "-o", str(out), "--ratio", "0.5", "--eval-data", str(held_out),
+                 "--report", str(report_path)]) == 0
+    reported = json.loads(report_path.read_text())["perplexity"]
+    assert reported["windows"] == 8 and reported["window"] == 24
+    assert abs(reported["dense"] - evaluated(genai_llama)) <= 1e-3 and abs(reported["pruned"] - evaluated(out)) <= 1e-3
+    assert reported["pruned"] != reported["dense"]
+    sweep_dir = tmp_path / "sweep"
+    assert main(["sweep", str(genai_llama), "--ratios", "0.5", "--out", str(sweep_dir), "--eval-data", str(held_out),
+                 "--runs", "2", "--repeats", "1", "--seq", "8"]) == 0
+    points = json.loads((sweep_dir / "sweep.json").read_text())
+    assert abs(points[0]["perplexity"] - reported["dense"]) <= 1e-3
+    assert abs(points[1]["perplexity"] - evaluated(sweep_dir / "ratio-50.onnx")) <= 1e-3
