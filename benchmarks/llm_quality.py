@@ -19,8 +19,8 @@ anyone here); each row states the share it reached. Methods:
   (`--ratio 0 --ffn-ratio F`, F = the share over the FFN's 75% of the parameters);
 - `obs + reconstruct, KV heads`: one KV head of 3 (and its query heads) in every layer plus FFN
   neurons for the rest of the share (shares of 10% have no room for a head);
-- `block removal`: `--drop-blocks N` (Block Influence on the calibration windows), N = share x 30
-  layers. The genai graph fuses its residual adds into SkipSimplifiedLayerNormalization, which
+- `block removal`: `--drop-blocks N` (Block Influence on the calibration windows), N residual
+  sub-blocks (attention or MLP), the fewest whose parameters reach the share. The genai graph fuses its residual adds into SkipSimplifiedLayerNormalization, which
   `drop-blocks` does not recognise, so these rows prune the plain export (no cache) of the same
   weights; their prefill is timed against the dense plain export and decode is not measured;
 - `Torch-Pruning LLM recipe` (`--tp`): its examples/LLMs/prune_llm.py on the Hugging Face model
@@ -80,9 +80,27 @@ def options_for(method: str, share: float) -> dict | None:
             return None
         return {"ratio": 0.0, "head_ratio": 0.34, "ffn_ratio": round((removed - KV_GROUP) / FFN, 4),
                 "importance": "obs", "reconstruct": True}
-    if method == "block removal":
-        return {"drop_blocks": max(1, round(share * LAYERS))}
     raise ValueError(method)
+
+
+def blocks_for(share: float, model, calibration: dict) -> int:
+    """How many residual sub-blocks (attention or MLP) `--drop-blocks` must drop, lowest Block
+    Influence first as it ranks them, to remove `share` of the non-embedding parameters."""
+    import onnx_graphsurgeon as gs
+
+    from graphprune.passes.drop_blocks import contributions, find_blocks
+
+    model.infer_shapes()
+    blocks = find_blocks(model)
+    scores = contributions(model, blocks, 0, "influence", calibration)
+    removed = 0
+    for count, index in enumerate(np.argsort(scores, kind="stable"), start=1):
+        weights = {t.name: t.values.size for node in blocks[index].nodes for t in node.inputs
+                   if isinstance(t, gs.Constant) and t.values.size >= HIDDEN}
+        removed += sum(weights.values())
+        if removed >= share * NON_EMBEDDING:
+            return count
+    return len(blocks) - 1
 
 
 def torch_pruning_llm(share: float, folder: Path) -> dict:
@@ -243,14 +261,17 @@ def main() -> None:
                     row |= {"path": str(made["path"]), "seconds": round(time.perf_counter() - start, 1)}
                     measure(graphprune.load_model(made["path"]), row)
                     continue
-                options = options_for(method.removesuffix(" + distill"), share)
-                if options is None:
-                    continue
                 source = plain_path if row["export"] == "plain" else genai_path
                 model = graphprune.load_model(source)
                 if source == plain_path and "plain" not in calibration:
                     calibration["plain"] = causal_feeds(model, docs[:args.calib])
                 feeds = calibration["plain" if source == plain_path else "genai"]
+                if method == "block removal":
+                    options = {"drop_blocks": blocks_for(share, model.copy(), feeds)}
+                else:
+                    options = options_for(method.removesuffix(" + distill"), share)
+                if options is None:
+                    continue
                 report = graphprune.prune(model, calibration=None if method == "l2" else feeds, **options)
                 if method.endswith("distill"):
                     train = causal_feeds(dense, docs[args.calib:args.calib + args.distill_windows])
@@ -261,6 +282,9 @@ def main() -> None:
                         "seconds": round(time.perf_counter() - start, 1),
                         "cut": sorted({(g["kind"], g["units_before"], g["units_after"]) for g in report.groups
                                        if g["units_after"] is not None and g["units_after"] < g["units_before"]})}
+                if method == "block removal":
+                    row["blocks_dropped"] = [b["block"] for p in report.passes if p.name == "drop-blocks"
+                                             for b in p.stats["blocks_dropped"]]
                 measure(model, row)
     if not args.rounds:
         print(f"measured {len(rows)} rows into {manifest}; time them with --only-timing")
