@@ -57,9 +57,10 @@ from graphprune.models import smollm2
 from graphprune.models.minilm import other_sentences
 from graphprune.perplexity import causal_feeds, perplexity, text_windows
 
-LAYERS, HIDDEN, INTERMEDIATE, KV_WIDTH = 30, 576, 1536, 192
+LAYERS, HIDDEN, INTERMEDIATE, KV_WIDTH, HEAD = 30, 576, 1536, 192, 64
 FFN = LAYERS * 3 * HIDDEN * INTERMEDIATE
-KV_GROUP = LAYERS * 4 * HIDDEN * KV_WIDTH  # one KV head of 3 with its 3 query heads: q, k, v and o slices
+# one KV head of 3 with its 3 query heads: Q columns (3 x 64), K and V columns (64 each), O rows (3 x 64)
+KV_GROUP = LAYERS * HIDDEN * (2 * 3 * HEAD + 2 * HEAD)
 NON_EMBEDDING = LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_WIDTH + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN) + HIDDEN
 TOTAL = NON_EMBEDDING + 49152 * HIDDEN
 METHODS = ("l2", "wanda-sp", "flap", "obs + reconstruct", "obs + reconstruct, KV heads", "block removal",
