@@ -25,9 +25,10 @@ class GenerationError(GraphpruneError):
 
 
 def greedy(model: Model, prompt: np.ndarray, new_tokens: int, threads: int = 2,
-           ) -> tuple[np.ndarray, list[np.ndarray]]:
+           step_seconds: list[float] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Generate `new_tokens` tokens after `prompt` ([batch, length] ids) by argmax; returns the
-    tokens [batch, new_tokens] and each step's last-position logits."""
+    tokens [batch, new_tokens] and each step's last-position logits. `step_seconds`: each step's
+    ORT run time is appended to it (the first step is the prompt's)."""
     pairs = cache_pairs(model)
     if not pairs:
         raise GenerationError("the model has no KV cache (no past input feeds a present output)")
@@ -51,7 +52,10 @@ def greedy(model: Model, prompt: np.ndarray, new_tokens: int, threads: int = 2,
         feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, total), mask_type), **past}
         if "position_ids" in names:
             feeds["position_ids"] = np.broadcast_to(np.arange(length, total, dtype=np.int64), (batch, tokens.shape[1]))
+        start = time.perf_counter()
         results = dict(zip(outputs, session.run(None, feeds), strict=True))
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - start)
         last = results[outputs[0]][:, -1, :]
         logits_seen.append(last)
         step = last.argmax(axis=-1).astype(ids_type)
@@ -63,16 +67,12 @@ def greedy(model: Model, prompt: np.ndarray, new_tokens: int, threads: int = 2,
 
 def decode_rate(models: Mapping[str, Model], prompt: np.ndarray, new_tokens: int, rounds: int = 3,
                 threads: int = 2) -> dict[str, float]:
-    """Tokens per second after the prompt step, each model timed in turn, best of `rounds`: one
-    greedy run of the prompt step alone is subtracted from a run of `new_tokens`."""
+    """Tokens per second of the steps after the prompt's (each one token with the cache), from
+    their ORT run times; each model in turn, best of `rounds`."""
     best = dict.fromkeys(models, 0.0)
     for _ in range(rounds):
         for name, model in models.items():
-            start = time.perf_counter()
-            greedy(model, prompt, 1, threads)
-            prompt_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            greedy(model, prompt, new_tokens, threads)
-            rate = (new_tokens - 1) / max(time.perf_counter() - start - prompt_seconds, 1e-9)
-            best[name] = max(best[name], rate)
+            steps: list[float] = []
+            greedy(model, prompt, new_tokens, threads, step_seconds=steps)
+            best[name] = max(best[name], (len(steps) - 1) / max(sum(steps[1:]), 1e-9))
     return {name: round(rate, 1) for name, rate in best.items()}

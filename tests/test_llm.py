@@ -246,3 +246,18 @@ def test_prune_and_sweep_report_perplexity_on_held_out_windows(genai_llama, tmp_
     points = json.loads((sweep_dir / "sweep.json").read_text())
     assert abs(points[0]["perplexity"] - reported["dense"]) <= 1e-3
     assert abs(points[1]["perplexity"] - evaluated(sweep_dir / "ratio-50.onnx")) <= 1e-3
+
+
+def test_decode_rate_times_the_cached_steps_of_greedy_generation(genai_llama) -> None:
+    import numpy as np
+
+    import graphprune
+    from graphprune.generate import decode_rate, greedy
+
+    model = graphprune.load_model(genai_llama)
+    prompt = np.array([[5, 6, 7, 8]])
+    steps: list[float] = []
+    tokens, _ = greedy(model, prompt, 6, step_seconds=steps)
+    assert tokens.shape == (1, 6) and len(steps) == 6 and all(s > 0 for s in steps)
+    rates = decode_rate({"a": model}, prompt, 6, rounds=2)
+    assert set(rates) == {"a"} and 0 < rates["a"] < 1e6
