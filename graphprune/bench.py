@@ -138,14 +138,9 @@ def random_feeds(proto: onnx.ModelProto, shapes: dict[str, list[int]], seed: int
     from graphprune.calib import model_inputs
 
     rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in model_inputs(proto):
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        if value.name == "attention_mask" and np.issubdtype(dtype, np.integer):  # as runtime.sample_inputs
-            feeds[value.name] = np.ones(shapes[value.name], dtype)
-        else:
-            feeds[value.name] = runtime.random_array(rng, shapes[value.name], dtype)
-    return feeds
+    return {value.name: runtime.random_input(rng, value.name, shapes[value.name],
+                                             onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+            for value in model_inputs(proto)}
 
 
 def macs_at(model: Model, shapes: dict[str, list[int]]) -> int:

@@ -86,10 +86,7 @@ def random_calibration(proto: onnx.ModelProto, samples: int = RANDOM_SAMPLES, se
     out = {}
     for name, array in feeds.items():
         shape = (samples,) + array.shape[1:] if array.ndim else (samples,)
-        if name == "attention_mask" and np.issubdtype(array.dtype, np.integer):
-            out[name] = np.ones(shape, array.dtype)  # a random 0/1 mask can leave a row nothing to attend to
-        else:
-            out[name] = runtime.random_array(rng, shape, array.dtype)
+        out[name] = runtime.random_input(rng, name, shape, array.dtype)
     return out
 
 

@@ -51,13 +51,16 @@ def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFA
         if np.prod(shape, dtype=np.float64) > MAX_SAMPLE_ELEMENTS:
             raise VerificationError(f"input '{value.name}' declares shape {shape}: {np.prod(shape, dtype=np.float64):.3g} "
                                     f"elements, too many to run a check with (limit {MAX_SAMPLE_ELEMENTS:,})")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-        if value.name == "attention_mask" and np.issubdtype(dtype, np.integer):
-            # every token attends: a random 0/1 mask can leave a row with nothing to attend to
-            feeds[value.name] = np.ones(shape, dtype)
-        else:
-            feeds[value.name] = random_array(rng, shape, dtype)
+        feeds[value.name] = random_input(rng, value.name, shape, onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
     return feeds
+
+
+def random_input(rng: np.random.Generator, name: str, shape, dtype) -> np.ndarray:
+    """A random array for the input `name`; an integer `attention_mask` is all ones (every token
+    attends: a random 0/1 mask can leave a row with nothing to attend to)."""
+    if name == "attention_mask" and np.issubdtype(dtype, np.integer):
+        return np.ones(shape, dtype)
+    return random_array(rng, shape, dtype)
 
 
 def implied_dims(proto: onnx.ModelProto) -> dict[str, int]:
