@@ -27,11 +27,11 @@ import onnx_graphsurgeon as gs
 from graphprune.calib import positions
 from graphprune.deps import Dependencies, Group, Member
 from graphprune.ir import Model
+from graphprune.ops import CALIBRATED_OPS
 from graphprune.stream import collect
 
 logger = logging.getLogger(__name__)
 
-CONSUMERS = frozenset({"MatMul", "Gemm", "Conv"})
 BATCH = 16
 
 
@@ -45,7 +45,7 @@ def consumer_pairs(model: Model, group: Group) -> list[tuple[Member, Member]]:
         if member.is_weight or member.stop is None or tensor is None:
             continue
         for node in tensor.outputs:
-            if node.op not in CONSUMERS:
+            if node.op not in CALIBRATED_OPS:
                 continue
             for other in node.inputs[1:2]:
                 weight = weights.get(other.name)

@@ -1,6 +1,6 @@
 """Dependency analysis: slots coupled by op rules become pruning groups (networkx components).
 
-A *slot* is one axis of one tensor. Op rules (graphprune.rules) couple slots index-for-index
+A *slot* is one axis of one tensor. Op rules (`graphprune.ops`) couple slots index-for-index
 (`Same`), with an offset (`Offset`: Concat/Split/Slice) or as factors of a product (`Factor`:
 Reshape/Flatten merging or splitting axes). Each factor relation is first resolved into a
 `Blocked` coupling of the product with one of its parts (`resolve_factors`): a unit of that part is
@@ -27,8 +27,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.ir import Model, shape_of
-from graphprune.rules import RULES, Blocked, Couplings, RuleContext, Slot, freeze_node, mark_unscored
-from graphprune.rules_attention import CONTRIB_RULES
+from graphprune.ops import spec_of
+from graphprune.ops.base import Blocked, Couplings, RuleContext, Slot, freeze_node, mark_unscored
 from graphprune.shapes import Monomial, Product, product
 from graphprune.state import state_tensors
 
@@ -146,14 +146,14 @@ def collect_couplings(model: Model, gqa: str = "kv") -> Couplings:
     for node in model.graph.nodes:
         for name in _subgraph_reads(node) & outer.keys():
             out.freeze_tensor(outer[name], f"read inside a subgraph of {node.op} node '{node.name or '(unnamed)'}'")
-        rule = RULES.get(node.op) if (node.domain or "") in ("", "ai.onnx") else \
-            CONTRIB_RULES.get(node.op) if node.domain == "com.microsoft" else None
-        if rule is None:
-            freeze_node(node, ctx, out, f"no dependency rule for {node.op} (node '{node.name or '(unnamed)'}')")
+        spec = spec_of(node)
+        if spec is None or spec.rule is None:
+            note = f": {spec.note}" if spec is not None and spec.note else ""
+            freeze_node(node, ctx, out, f"no dependency rule for {node.op} (node '{node.name or '(unnamed)'}'){note}")
             continue
         out.touched = set()
-        rule(node, ctx, out)
-        mark_unscored(node, ctx, out)
+        spec.rule(node, ctx, out)
+        mark_unscored(node, ctx, out, spec.unscored_inputs)
         _freeze_untouched(node, ctx, out)
     return out
 

@@ -23,7 +23,7 @@ class AnalyzeDepsPass(AnalysisPass):
     members, kind, unit count, frozen reasons). Options: gqa = kv (grouped-query attention loses
     whole KV heads, each with its query heads) | query (every KV head stays; each KV head loses the
     same query heads, so a 9-query / 3-KV-head model can go to 6 query heads). See graphprune.deps
-    and the rule table in graphprune.rules.
+    and the op rules in graphprune.ops.
     """
 
     name = "analyze-deps"

@@ -19,13 +19,12 @@ from graphprune import runtime
 from graphprune.calib import positions, token_rows
 from graphprune.errors import OptionError
 from graphprune.ir import Model
+from graphprune.ops import WEIGHTED_OPS
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.stream import collect
 
 logger = logging.getLogger(__name__)
 
-#: ops whose constant inputs are weights that make a branch a block
-WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from graphprune.calib import RANDOM_SAMPLES, positions, random_calibration, token_rows
 from graphprune.errors import OptionError
 from graphprune.ir import Model
+from graphprune.ops import CALIBRATED_OPS
 from graphprune.pipeline import STATE, AnalysisManager, PassResult, RewritePass, register, take_state
 from graphprune.stream import Walk
 from graphprune.weights import replacement
@@ -143,10 +144,10 @@ def consumers_of_removed(pruned: Model, dense: Model, kept: dict) -> list[Consum
     (a layer between two pruned ones): the target is then the dense output's kept features."""
     # weights keep their names when sliced (and are unshared before pruning): they pair the nodes
     dense_nodes = {n.inputs[1].name: n for n in dense.graph.nodes
-                   if n.op in CONSUMER_OPS and isinstance(n.inputs[1], gs.Constant)}
+                   if n.op in CALIBRATED_OPS and isinstance(n.inputs[1], gs.Constant)}
     found = []
     for node in pruned.graph.nodes:
-        if node.op not in CONSUMER_OPS or node.inputs[1].name not in dense_nodes:
+        if node.op not in CALIBRATED_OPS or node.inputs[1].name not in dense_nodes:
             continue
         w, old = node.inputs[1], dense_nodes[node.inputs[1].name].inputs[1]
         if not isinstance(w, gs.Constant) or not isinstance(old, gs.Constant):
@@ -176,9 +177,6 @@ def _kept_features(kept: dict, tensor: gs.Tensor, axis: int) -> np.ndarray | Non
     if tensor.shape is None:
         return None
     return kept.get((tensor.name, axis % len(tensor.shape)))
-
-
-CONSUMER_OPS = ("MatMul", "Gemm", "Conv")
 
 
 def _bias(node: gs.Node) -> np.ndarray | None:
@@ -289,7 +287,7 @@ class ReconstructPass(RewritePass):
 
 def _nodes_by_weight(model: Model) -> dict[str, gs.Node]:
     return {n.inputs[1].name: n for n in model.graph.nodes
-            if n.op in CONSUMER_OPS and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)}
+            if n.op in CALIBRATED_OPS and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)}
 
 
 def _drain(steps) -> None:

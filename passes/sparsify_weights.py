@@ -9,8 +9,8 @@ import numpy as np
 
 from graphprune.errors import OptionError
 from graphprune.ir import Model
+from graphprune.ops import unscored_inputs
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
-from graphprune.rules import unscored_inputs
 from graphprune.weights import replacement
 
 
@@ -26,7 +26,7 @@ class SparsifyWeightsPass(RewritePass):
     """Zero every weight with |w| < threshold, or the smallest `sparsity` fraction of each tensor.
 
     Reads: float initializers with at least `min_ndim` dims (weights, not biases or norms; never
-    divisors or normalization statistics, see rules.UNSCORED_INPUTS).
+    divisors or normalization statistics, see `OpSpec.unscored_inputs`).
     Changes: their values; shapes stay, so nothing shrinks by itself: the report gives sparsity.
     Preserves: every shape. Options: threshold (EPS >= 0) or sparsity (fraction in [0, 1)), min_ndim.
     """

@@ -1,4 +1,5 @@
-"""Dependency rules that regroup axes: Flatten, Reshape and Expand.
+"""Ops that move or regroup axes: Transpose, Squeeze, Unsqueeze, Flatten, Reshape, Expand and
+Shape; with the tensor makers Range, ConstantOfShape and Tile (lowered only).
 
 Axes are matched as products of factors (`match_axes`; symbolic dims such as `batch*seq` too).
 A run of axes merged into one axis, or one axis split into several, is a `Factor` relation: the
@@ -7,17 +8,83 @@ product is made of its parts, outermost first. A run that both merges and splits
 with a virtual slot for a factor no single axis holds. Which part's units the product follows is
 decided over the whole graph (`deps.resolve_factors`); the other parts are frozen there. Literal
 sizes of Reshape/Expand targets, constant or computed by Shape -> Concat chains
-(`graphprune.shapes`), are recomputed by the rewrite.
+(`graphprune.shapes`), are recomputed by the rewrite (`fix_target`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import Counter, defaultdict
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.rules import Couplings, Dim, Rule, RuleContext, ScaledSize, _where, freeze_node
+from graphprune.ops.base import (
+    ELEMENTWISE,
+    FREE,
+    Couplings,
+    Dim,
+    RewriteContext,
+    RuleContext,
+    ScaledSize,
+    freeze_node,
+    input_rank,
+    int_list,
+    is_touched,
+    node_label,
+    torch,
+    torch_dtype,
+)
+from graphprune.ops.registry import register
 from graphprune.shapes import DimOf, Entry, Lit, Opaque, Product, Scaled, shape_value, sources
+
+
+def transpose(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    rank = input_rank(node, ctx, out)
+    if rank is None:
+        return
+    perm = node.attrs.get("perm", list(reversed(range(rank))))
+    for out_axis, in_axis in enumerate(perm):
+        out.couple((x.name, int(in_axis)), (y.name, out_axis))
+
+
+def _axes_operand(node: gs.Node, ctx: RuleContext) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = ctx.constant(node.inputs[1])
+        return None if value is None else [int(a) for a in value.reshape(-1)]
+    axes = node.attrs.get("axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def unsqueeze(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    rank_x, rank_y, axes = ctx.rank(x), ctx.rank(y), _axes_operand(node, ctx)
+    if rank_x is None or rank_y is None or axes is None:
+        freeze_node(node, ctx, out, f"{node_label(node)}: axes or ranks unknown")
+        return
+    inserted = {a % rank_y for a in axes}
+    kept = [a for a in range(rank_y) if a not in inserted]
+    for in_axis, out_axis in enumerate(kept):
+        out.couple((x.name, in_axis), (y.name, out_axis))
+
+
+def squeeze(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    shape, axes = ctx.shape(x), _axes_operand(node, ctx)
+    if shape is None:
+        freeze_node(node, ctx, out, f"{node_label(node)}: unknown input rank")
+        return
+    if axes is None:
+        if any(not isinstance(d, int) for d in shape):
+            freeze_node(node, ctx, out, f"{node_label(node)}: squeezes unknown dims")
+            return
+        axes = [a for a, d in enumerate(shape) if d == 1]
+    removed = {a % len(shape) for a in axes}
+    kept = [a for a in range(len(shape)) if a not in removed]
+    for out_axis, in_axis in enumerate(kept):
+        out.couple((x.name, in_axis), (y.name, out_axis))
 
 
 def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_axes: list[int],
@@ -32,7 +99,7 @@ def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_a
     if len(ins) == 1 and len(outs) == 1:
         out.couple((x.name, ins[0]), (y.name, outs[0]))
         return
-    reason = f"{_where(node)} merges or splits this axis with others"
+    reason = f"{node_label(node)} merges or splits this axis with others"
     if len(outs) == 1:
         out.factor((y.name, outs[0]), [(x.name, a) for a in ins], [in_shape[a] for a in ins], reason)
         return
@@ -149,7 +216,7 @@ def _regroup(node: gs.Node, ctx: RuleContext, out: Couplings, out_shape: list[Di
     in_shape = ctx.shape(x)
     runs = None if in_shape is None or out_shape is None else match_axes(in_shape, out_shape)
     if runs is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: cannot match input and output axes")
+        freeze_node(node, ctx, out, f"{node_label(node)}: cannot match input and output axes")
         return
     for ins, outs in runs:
         _couple_runs(node, out, x, y, ins, outs, in_shape, out_shape)
@@ -169,7 +236,7 @@ def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tenso
     reach, freezes its axis (and the sizes it was computed from)."""
     entries = shape_value(node.inputs[1])
     if entries is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: cannot read the target shape")
+        freeze_node(node, ctx, out, f"{node_label(node)}: cannot read the target shape")
         return None
     lead = (ctx.rank(y) or len(entries)) - len(entries)
     # one literal read at several positions (Gather with repeated indices, a broadcast Where value)
@@ -178,7 +245,7 @@ def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tenso
     for position, entry in enumerate(entries):
         slot = (y.name, position + lead)
         if isinstance(entry, Lit) and entry.path is not None and seen[_literal_key(entry)] > 1:
-            out.freeze(slot, f"{_where(node)}: one literal gives several sizes")
+            out.freeze(slot, f"{node_label(node)}: one literal gives several sizes")
         if isinstance(entry, DimOf):
             out.couple((entry.tensor, entry.axis), slot)
         elif isinstance(entry, Scaled) and entry.literal is not None and entry.literal.path is not None:
@@ -187,12 +254,12 @@ def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tenso
         elif isinstance(entry, Scaled):
             out.block((entry.dim.tensor, entry.dim.axis), slot, entry.factor)
         elif isinstance(entry, Opaque):
-            reason = f"{_where(node)}: size computed at run time"
+            reason = f"{node_label(node)}: size computed at run time"
             out.freeze(slot, reason)
             for source in entry.sources:
                 out.freeze((source.tensor, source.axis), reason)
         elif entry.path is None and entry.value not in (-1, 0, 1):
-            out.freeze(slot, f"{_where(node)}: literal size the rewrite cannot reach")
+            out.freeze(slot, f"{node_label(node)}: literal size the rewrite cannot reach")
     return entries
 
 
@@ -218,6 +285,8 @@ def _shape_uses(tensor: gs.Tensor, graph_outputs: frozenset[str]):
 
 #: ops that compute shape vectors from any of their inputs, and ones that do from their first only
 SHAPE_COMBINE = frozenset({"Concat", "Add", "Sub", "Mul", "Div", "Mod", "Max", "Min", "Equal", "Where"})
+
+
 SHAPE_SELECT = frozenset({"Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"})
 
 
@@ -228,7 +297,7 @@ def shape_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     x = node.inputs[0]
     rank = ctx.rank(x)
     if rank is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: unknown input rank")
+        freeze_node(node, ctx, out, f"{node_label(node)}: unknown input rank")
         return
     start, end = (max(0, min(rank, v + rank if v < 0 else v))
                   for v in (node.attrs.get("start", 0), node.attrs.get("end", rank)))
@@ -241,7 +310,7 @@ def shape_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         values = None if target else shape_value(tensor)
         used = read if values is None else sorted({d.axis for e in values for d in sources(e) if d.tensor == x.name})
         for axis in used:
-            user = _where(consumer) if consumer is not None else f"graph output '{tensor.name}'"
+            user = node_label(consumer) if consumer is not None else f"graph output '{tensor.name}'"
             out.freeze((x.name, axis), f"the size of axis {axis} is used as data by {user}")
 
 
@@ -266,7 +335,7 @@ def expand(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     x, y = node.inputs[0], node.outputs[0]
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)
     if in_shape is None or out_shape is None:
-        freeze_node(node, ctx, out, f"{_where(node)}: unknown shapes")
+        freeze_node(node, ctx, out, f"{node_label(node)}: unknown shapes")
         return
     if _target_entries(node, ctx, out, y) is None:
         return
@@ -275,7 +344,7 @@ def expand(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         if dim == out_shape[axis + lead] and dim is not None:
             out.couple((x.name, axis), (y.name, axis + lead))
         elif dim != 1:
-            reason = f"{_where(node)}: cannot tell how axis {axis} of '{x.name}' expands"
+            reason = f"{node_label(node)}: cannot tell how axis {axis} of '{x.name}' expands"
             out.freeze((x.name, axis), reason)
             out.freeze((y.name, axis + lead), reason)
         elif ctx.gqa == "query" and isinstance(out_shape[axis + lead], int):
@@ -284,9 +353,152 @@ def expand(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
             out.touched.add((y.name, axis + lead))
 
 
-SHAPE_RULES: dict[str, Rule] = {
-    "Flatten": flatten,
-    "Reshape": reshape,
-    "Expand": expand,
-    "Shape": shape_rule,
-}
+def fix_squeeze(node: gs.Node, ctx: RewriteContext) -> None:
+    """A Squeeze without axes drops every size-1 axis: a group pruned to one unit would vanish."""
+    x = node.inputs[0]
+    has_axes = (len(node.inputs) > 1 and node.inputs[1].name) or "axes" in node.attrs
+    if has_axes or not is_touched(x, ctx):
+        return
+    axes = [axis for axis, dim in enumerate(x.shape) if dim == 1]  # shapes from before pruning
+    if ctx.model.graph.opset < 13:
+        node.attrs["axes"] = axes
+    else:
+        node.inputs.append(ctx.constant(f"{node.name}_axes", np.array(axes, dtype=np.int64)))
+
+
+def _set_literals(node: gs.Node, index: int, edits: list[tuple[Lit, int]], ctx: RewriteContext) -> None:
+    """Give each literal read through `node.inputs[index]` its new value, on a copy of the constant
+    and of every node on the way to it: shape chains are often shared with other layers."""
+    tensor = node.inputs[index]
+    key = (id(tensor), tuple(sorted((tuple((id(n), j) for n, j in lit.path), lit.index, value)
+                                    for lit, value in edits)))
+    if key in ctx.copies:  # another layer needs the same sizes from the same chain: share the copy
+        node.inputs[index] = ctx.copies[key]
+        return
+    if isinstance(tensor, gs.Constant):
+        values = np.array(tensor.values).copy()
+        flat = values.reshape(-1)
+        for lit, value in edits:
+            flat[lit.index] = value
+        node.inputs[index] = ctx.copies[key] = ctx.constant(f"{node.name or tensor.name}_shape", values)
+        return
+    producer = edits[0][0].path[0][0]
+    out = producer.outputs[0]
+    clone = gs.Node(producer.op, ctx.unique(f"{producer.name}_pruned"), dict(producer.attrs), list(producer.inputs),
+                    [gs.Variable(ctx.unique(f"{out.name}_pruned"), out.dtype, out.shape)])
+    ctx.model.graph.nodes.append(clone)
+    by_input: dict[int, list[tuple[Lit, int]]] = defaultdict(list)
+    for lit, value in edits:
+        by_input[lit.path[0][1]].append((Lit(lit.value, lit.path[1:], lit.index), value))
+    for input_index, sub in by_input.items():
+        _set_literals(clone, input_index, sub, ctx)
+    node.inputs[index] = ctx.copies[key] = clone.outputs[0]
+
+
+def fix_target(node: gs.Node, ctx: RewriteContext) -> None:
+    """Reshape/Expand: every literal size of a pruned axis becomes the new size, whether the target
+    is a constant or computed by a Shape -> Concat chain. A -1 there becomes the literal too: a
+    per-layer head count in the graph is what ONNX Runtime's attention fusion reads. 0 (and
+    Expand's 1) keep meaning "whatever the input has"; sizes read at run time follow by themselves."""
+    y = node.outputs[0]
+    resized = is_touched(y, ctx) or any((y.name, axis) in ctx.ratios for axis in range(len(y.shape or ())))
+    if len(node.inputs) < 2 or not resized:
+        return
+    entries = shape_value(node.inputs[1])
+    if entries is None:
+        return  # an unreadable target froze every axis of the node (`_target_entries`)
+    lead = len(y.shape) - len(entries)
+    smallest = 1 if node.op == "Expand" else 0
+    edits = []
+    for position, entry in enumerate(entries):
+        kept = ctx.kept_of(y, position + lead)
+        if kept is not None and isinstance(entry, Lit) and entry.path is not None and (
+                entry.value > smallest or entry.value == -1):
+            edits.append((entry, len(kept)))
+        elif isinstance(entry, Scaled) and entry.literal is not None and entry.literal.path is not None:
+            # size * literal: the literal takes whatever the size does not follow by itself
+            factor = entry.factor * ctx.ratio_of((y.name, position + lead)) / ctx.ratio_of(
+                (entry.dim.tensor, entry.dim.axis))
+            if factor != entry.factor and factor.denominator == 1:
+                edits.append((entry.literal, entry.literal.value * int(factor) // entry.factor))
+    if edits:
+        _set_literals(node, 1, edits, ctx)
+
+
+def lower_transpose(x, perm=None):
+    return x.permute(perm if perm is not None else list(reversed(range(x.dim()))))
+
+
+def lower_unsqueeze(x, axes_input=None, axes=None):
+    axes = int_list(axes_input) if axes_input is not None else axes
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def lower_squeeze(x, axes_input=None, axes=None):
+    axes = int_list(axes_input) if axes_input is not None else axes
+    if axes is None:
+        return x.squeeze()
+    for axis in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(axis)
+    return x
+
+
+def lower_flatten(x, axis=1):
+    axis = axis + x.dim() if axis < 0 else axis  # axis may equal the rank: [prod, 1]
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+def lower_reshape(x, shape, allowzero=0):
+    target = int_list(shape)
+    if not allowzero:
+        target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+    return x.reshape(target)
+
+
+def lower_expand(x, shape):
+    target = int_list(shape)
+    rank = max(x.dim(), len(target))
+    dims = [1] * (rank - len(target)) + target
+    current = [1] * (rank - x.dim()) + list(x.shape)
+    return x.reshape(current).expand([c if d == 1 else d for c, d in zip(current, dims, strict=True)])
+
+
+def lower_shape(x, start=0, end=None):
+    return torch.tensor(list(x.shape), dtype=torch.int64)[start:end]
+
+
+def lower_range(start, limit, delta):
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def lower_constant_of_shape(shape, value=0.0, dtype=1):
+    return torch.full(int_list(shape), value, dtype=torch_dtype(dtype))
+
+
+def lower_tile(x, repeats):
+    return x.repeat(int_list(repeats))
+
+
+def _constant_of_shape_value(node: gs.Node, attributes: dict, opset: int) -> None:
+    """ConstantOfShape's `value` tensor becomes a Python scalar and the dtype it carries."""
+    if "value" in node.attrs:
+        array = np.asarray(getattr(node.attrs["value"], "values", node.attrs["value"]))
+        attributes["dtype"] = int(onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        attributes["value"] = array.reshape(-1)[0].item()
+
+
+register("Transpose", rule=transpose, lowering=lower_transpose, cost=FREE)
+register("Unsqueeze", rule=unsqueeze, lowering=lower_unsqueeze, cost=FREE, keyword_inputs={1: "axes_input"})
+register("Squeeze", rule=squeeze, fixup=fix_squeeze, lowering=lower_squeeze, cost=FREE,
+         keyword_inputs={1: "axes_input"})
+register("Flatten", rule=flatten, lowering=lower_flatten, cost=FREE)
+register("Reshape", rule=reshape, fixup=fix_target, lowering=lower_reshape, cost=FREE)
+register("Expand", rule=expand, fixup=fix_target, lowering=lower_expand, cost=FREE)
+register("Shape", rule=shape_rule, lowering=lower_shape, cost=FREE)
+register("Range", lowering=lower_range, cost=ELEMENTWISE)
+register("ConstantOfShape", lowering=lower_constant_of_shape, cost=ELEMENTWISE, attributes=_constant_of_shape_value)
+register("Tile", lowering=lower_tile, cost=ELEMENTWISE)
+register("Constant", cost=FREE)
