@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,11 +243,27 @@ def _working_directory(folder: str) -> Iterator[None]:
 ONNX_NAMESAKES = frozenset({"Attention", "RotaryEmbedding"})
 
 
+def _ort_symbolic_shape_infer() -> types.ModuleType:
+    """onnxruntime.tools.symbolic_shape_infer, loaded without running onnxruntime/tools/__init__.py:
+    that imports torch whenever it is installed (for export helpers graphprune does not use), and
+    pruning an ONNX file should not pay for torch."""
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name not in sys.modules:
+        import onnxruntime
+
+        spec = importlib.util.spec_from_file_location(
+            name, Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
     """ONNX Runtime's symbolic shape inference: it follows Shape -> Gather -> Concat chains and
     keeps dims symbolic (`batch*seq`) where ONNX's own inference gives up. None when it cannot
     handle the graph (unknown ops, custom domains): ONNX's inference is the fallback."""
-    from onnxruntime.tools import symbolic_shape_infer as ort_symbolic
+    ort_symbolic = _ort_symbolic_shape_infer()
 
     class Inference(ort_symbolic.SymbolicShapeInference):
         """Default-domain namesakes of contrib ops get ONNX's inference of that one node."""

@@ -9,22 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphprune.deps import OPT_IN_KINDS, Dependencies, Group, Member
+from graphprune.deps import OPT_IN_KINDS, Dependencies, Group
 from graphprune.errors import OptionError
+from graphprune.importance.base import Importance
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Importance:
-    """One score per unit for every prunable group (higher = more important)."""
-
-    kind: str
-    scores: Mapping[int, np.ndarray]
-
-    @property
-    def stats(self) -> dict[str, object]:
-        return {"kind": self.kind, "groups_scored": len(self.scores)}
 
 
 @dataclass(frozen=True)
@@ -35,13 +24,6 @@ class Plan:
 
     def removed(self, deps: Dependencies) -> int:
         return sum(deps.group(gid).units - len(kept) for gid, kept in self.kept.items())
-
-
-def unit_rows(values: np.ndarray, member: Member) -> np.ndarray:
-    """A member's per-element array (weights, gradients...) as [units, elements-per-unit]."""
-    units = (member.stop - member.start) // (member.unit_len * (member.repeats or 1))
-    part = np.take(np.asarray(values), member.unit_elements(np.arange(units), units), axis=member.axis)
-    return np.moveaxis(part, member.axis, 0).reshape(units, -1)
 
 
 #: ONNX Runtime's CPU kernels pack channels in blocks: an odd count such as 47 or 63 runs about

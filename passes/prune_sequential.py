@@ -9,12 +9,12 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.activation import ActivationStatistics
 from graphprune.calib import RANDOM_SAMPLES, random_calibration, token_rows
 from graphprune.deps import OPT_IN_KINDS, Dependencies, Group
 from graphprune.errors import OptionError
+from graphprune.importance.activation import ActivationStatistics
+from graphprune.importance.obs import DAMP, greedy_removal, obs_pair, refit_rows
 from graphprune.ir import Model
-from graphprune.obs import DAMP, greedy_removal, obs_pair, refit_rows
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.plan import Plan, kept_count, kind_ratios, validate_budget, warn_untouched
 from graphprune.rewrite import apply_plan
@@ -58,7 +58,7 @@ class PruneSequentialPass(RewritePass):
     consumer of each group with a single MatMul/Gemm consumer (an FFN's down projection, an
     attention output projection) it takes the Gram matrix X^T X of the group's activation, as the
     layers before it, already pruned, make it; orders the units by structured OBS (the greedy
-    removal of `graphprune.obs`, stopped at the group's budget); keeps the best `ratio`-share; and
+    removal of `graphprune.importance.obs`, stopped at the group's budget); keeps the best `ratio`-share; and
     re-fits the consumer's kept rows by least squares to reproduce X W. The consumer's weight then
     holds zeros in the removed rows, so later layers see exactly the pruned model's stream; at the
     end the units are removed (`apply_plan`). Groups without such a consumer are scored by

@@ -8,7 +8,8 @@ import pytest
 import graphprune
 from graphprune.deps import analyze
 from graphprune.errors import OptionError
-from graphprune.plan import Importance, make_plan
+from graphprune.importance import Importance
+from graphprune.plan import make_plan
 from graphprune.testing import model_from_text
 
 TWO_LAYERS = """

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import graphprune
-from graphprune.activation import activation_scores
 from graphprune.calib import CalibrationError, load_calibration, random_calibration
 from graphprune.cli import main
 from graphprune.deps import analyze
+from graphprune.importance.activation import activation_scores
 from graphprune.testing import model_from_text
 
 MLP = """
@@ -172,7 +172,7 @@ def test_taylor_scores_estimate_the_squared_output_change() -> None:
     """For y = relu(x W1 + b1) W2, removing hidden unit u changes y by 2 r_u W2[u] to first order
     (r_u: the unit's activation; W2 and the relu-scaled W1 column each give one r_u W2[u]), so the
     label-free Taylor score is 4 * sum over samples of r_u^2 * ||W2[u]||^2."""
-    from graphprune.taylor import taylor_scores
+    from graphprune.importance.taylor import taylor_scores
 
     model = _mlp()
     deps = analyze(model)
@@ -195,7 +195,7 @@ def test_taylor_with_labels_uses_the_task_loss() -> None:
     with torch; taylor averages |c_u| over batches, fisher c_u^2."""
     import torch
 
-    from graphprune.taylor import taylor_scores
+    from graphprune.importance.taylor import taylor_scores
 
     model = _mlp()
     deps = analyze(model)
@@ -299,7 +299,7 @@ def test_obs_removes_redundant_units_first_and_scores_the_refit_error() -> None:
     """Columns 0 and 1 of X carry the same signal with large weights; column 2 is independent with
     small weights. Magnitude scores would drop unit 2; OBS drops one of the twins (the other takes
     over its weight at no cost), and its first step's score is the exact ridge refit error."""
-    from graphprune.obs import greedy_removal
+    from graphprune.importance.obs import greedy_removal
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal((500, 3))

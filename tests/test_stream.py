@@ -8,7 +8,7 @@ import pytest
 import graphprune
 from graphprune import runtime, stream
 from graphprune.calib import random_calibration
-from graphprune.obs import refit_rows
+from graphprune.importance.obs import refit_rows
 from graphprune.testing import model_from_text
 
 # two residual blocks (FFN: up, relu, down) and a head that nothing below asks for

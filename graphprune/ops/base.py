@@ -16,11 +16,10 @@ with up to four functions, each following one contract defined here:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,6 +27,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.errors import GraphpruneError
 from graphprune.ir import Model, shape_of
+from graphprune.lazy import F, torch  # noqa: F401 - the op modules' torch
 
 if TYPE_CHECKING:
     import torch as _torch
@@ -329,24 +329,9 @@ def new_sizes(tensor: gs.Tensor, ctx: RewriteContext) -> list:
 Fixup = Callable[[gs.Node, RewriteContext], None]
 
 
-# -- lowering: torch on first use -----------------------------------------------------------------
+# -- lowering (torch is imported on first use: graphprune.lazy) -----------------------------------------------------------------
 class LoweringError(GraphpruneError):
     """The graph holds an op (or an attribute value) the lowering does not support."""
-
-
-class _OnFirstUse:
-    """A module imported when an attribute is first read: op modules name `torch.relu` in their
-    lowerings without importing torch until a lowering runs."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attribute: str) -> Any:
-        return getattr(importlib.import_module(self._name), attribute)
-
-
-torch: Any = _OnFirstUse("torch")
-F: Any = _OnFirstUse("torch.nn.functional")
 
 
 def torch_dtype(onnx_type: int) -> _torch.dtype:

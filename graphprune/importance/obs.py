@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import ClassVar
 
 import numpy as np
 import scipy.linalg
 
-from graphprune.activation import consumer_pairs
 from graphprune.calib import token_rows
 from graphprune.deps import Dependencies, Group, Member
+from graphprune.importance.activation import ActivationStatistics, consumer_pairs
+from graphprune.importance.base import ScoreInputs, calibration_feeds, register_scorer
 from graphprune.ir import Model
 from graphprune.stream import collect
 
@@ -168,3 +170,20 @@ def obs_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray]) -
     statistics = ObsStatistics(model, deps)
     collect(model, feeds, [statistics], BATCH)
     return statistics.scores()
+
+
+class Obs:
+    """OBS scores where a group has one MatMul/Gemm consumer pair, activation (Wanda-sp) scores for
+    the other groups with a consumer, from one pass over the calibration data."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("obs",)
+
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+        feeds = calibration_feeds(model, inputs, kind)
+        obs = ObsStatistics(model, deps)
+        activation = ActivationStatistics(model, deps, skip=set(obs.chosen))
+        collect(model, feeds, [obs, activation], BATCH)
+        return obs.scores() | activation.scores()
+
+
+register_scorer(Obs())

@@ -17,21 +17,23 @@ their minimum.) For text inputs, r is zero at padding positions.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F  # noqa: N812
 
 from graphprune.calib import LABELS, CalibrationError, batches, dynamic_sequence, positions
 from graphprune.deps import Dependencies
+from graphprune.importance.base import ScoreInputs, calibration_feeds, register_scorer, unit_rows
 from graphprune.ir import Model
-from graphprune.lowering import lower, parameter_names
-from graphprune.plan import unit_rows
+from graphprune.lazy import F, torch
+
+if TYPE_CHECKING:
+    import torch as _torch
 
 logger = logging.getLogger(__name__)
 
 
-def _direction(output: torch.Tensor, feeds: dict[str, np.ndarray], generator: torch.Generator) -> torch.Tensor:
+def _direction(output: _torch.Tensor, feeds: dict[str, np.ndarray], generator: _torch.Generator) -> _torch.Tensor:
     """A random direction on the output, zero at padding positions (which no user reads)."""
     r = torch.randn(output.shape, generator=generator)
     mask = positions(feeds, output)
@@ -40,7 +42,7 @@ def _direction(output: torch.Tensor, feeds: dict[str, np.ndarray], generator: to
     return r
 
 
-def task_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def task_loss(output: _torch.Tensor, labels: _torch.Tensor) -> _torch.Tensor:
     """Cross-entropy for integer class labels (classes on the output's last axis), MSE for float targets."""
     if not labels.is_floating_point():
         if tuple(labels.shape) != tuple(output.shape[:-1]):
@@ -60,6 +62,8 @@ def taylor_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray]
     unit goes: the mean over batches of |c_u| (`squared`: of c_u^2, the Fisher form), where
     c_u = sum of dL/dw * w over the unit's weights. With `labels` (one per sample), L is the task
     loss on the first output; without, L = r . outputs for random directions r (`draws` per batch)."""
+    from graphprune.lowering import lower, parameter_names
+
     module = lower(model)
     params = {name: getattr(module, attr) for attr, name in parameter_names(module).items()}
     names = [t.name for t in model.graph.inputs if t.name in feeds]
@@ -91,3 +95,16 @@ def taylor_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray]
                 totals[group_id] += np.square(per_unit) if squared else np.abs(per_unit)
             count += 1
     return {gid: total / max(count, 1) for gid, total in totals.items()}
+
+
+class Taylor:
+    """taylor: mean |c_u| over calibration batches; fisher: mean c_u^2 (see the module doc)."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("taylor", "fisher")
+
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+        feeds = calibration_feeds(model, inputs, kind)
+        return taylor_scores(model, deps, dict(feeds), seed=inputs.seed, squared=kind == "fisher", labels=inputs.labels)
+
+
+register_scorer(Taylor())

@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Collection
+from typing import ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.calib import positions
 from graphprune.deps import Dependencies, Group, Member
+from graphprune.importance.base import ScoreInputs, calibration_feeds, register_scorer
 from graphprune.ir import Model
 from graphprune.ops import CALIBRATED_OPS
 from graphprune.stream import collect
@@ -132,3 +134,16 @@ def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndar
     statistics = ActivationStatistics(model, deps, skip, statistic)
     collect(model, feeds, [statistics], BATCH)
     return statistics.scores()
+
+
+class Activation:
+    """activation / wanda-sp: the "norm" statistic; flap: the "fluctuation" one (see the module doc)."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("activation", "wanda-sp", "flap")
+
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+        feeds = calibration_feeds(model, inputs, kind)
+        return activation_scores(model, deps, feeds, statistic="fluctuation" if kind == "flap" else "norm")
+
+
+register_scorer(Activation())
