@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from graphprune.deps import GQA_MODES, Dependencies, analyze
 from graphprune.errors import OptionError
 from graphprune.ir import Model, unshare_constants
-from graphprune.pipeline import AnalysisManager, PassManager, Progress, Report, parse_pipeline
+from graphprune.pipeline import AnalysisManager, PassInputs, PassManager, Progress, Report, parse_pipeline
 from graphprune.plan import make_plan, validate_budget
 
 logger = logging.getLogger(__name__)
@@ -100,14 +100,10 @@ def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, n
                        "LLM's units do (perplexity can explode); give calibration text and --importance "
                        "activation or obs", options["importance"])
     text = pipeline if pipeline is not None else build_pipeline(seed=seed, **options)
-    manager = PassManager(parse_pipeline(text), verify=verify, seed=seed, progress=progress)
-    if saliency is not None:
-        manager.am.context["saliency"] = dict(saliency)
-    if calibration is not None:
-        manager.am.context["calibration"] = dict(calibration)
-    if labels is not None:
-        manager.am.context["labels"] = np.asarray(labels)
-    return manager.run(model)
+    inputs = PassInputs(calibration=None if calibration is None else dict(calibration),
+                        labels=None if labels is None else np.asarray(labels),
+                        saliency=None if saliency is None else dict(saliency), seed=seed)
+    return PassManager(parse_pipeline(text), verify=verify, seed=seed, progress=progress, inputs=inputs).run(model)
 
 
 #: importance kinds that read weights only

@@ -12,18 +12,21 @@ import re
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
 from graphprune import cost, runtime, weights
+from graphprune.deps import Dependencies
 from graphprune.errors import GraphpruneError, PipelineError, VerificationError
+from graphprune.importance.base import Importance
 from graphprune.ir import Model, check_supported, first_line
 from graphprune.plan import group_label
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: outputs of a lossless pass may differ by this much (relative to the largest output value):
 #: removing zero terms from a sum changes how fp32 kernels block and order the additions (about
@@ -43,11 +46,14 @@ class PassResult:
 
 
 class Pass:
-    """Base of all passes: a kebab-case `name`, short `aliases`, and a dataclass of options."""
+    """Base of all passes: a kebab-case `name`, short `aliases`, a dataclass of options, and the
+    analysis results (by type) it `requires`."""
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type] = NoOptions
+    #: analysis result types the pass reads (`am.get` computes them when they are not cached)
+    requires: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -58,7 +64,11 @@ class Pass:
 
 
 class AnalysisPass(Pass):
-    """Reads the model, returns a frozen result the AnalysisManager caches until a rewrite."""
+    """Reads the model, returns a frozen result the AnalysisManager caches until a rewrite; other
+    passes ask for it by its type (`am.get(Dependencies, model)`)."""
+
+    #: the type of the result, by which passes request it
+    result: ClassVar[type]
 
     def run(self, model: Model, am: AnalysisManager) -> Any:
         raise NotImplementedError
@@ -74,6 +84,12 @@ class RewritePass(Pass):
     def lossless(self) -> bool:
         return False
 
+    #: analysis result types still valid after the pass modified the model (the rest are dropped)
+    preserves: ClassVar[tuple[type, ...]] = ()
+
+    #: the pass fits against the model as it was before pruning (`PipelineState.unpruned`)
+    needs_unpruned: ClassVar[bool] = False
+
     #: the pass changes how the graph is written, not what it computes (unshare-constants copies a
     #: shared weight per reader): the pass manager checks its result with the next verification
     #: (after the next rewrite, or `verify-model`) instead of an ORT run of its own
@@ -86,12 +102,27 @@ class RewritePass(Pass):
 REGISTRY: dict[str, type[Pass]] = {}
 
 
+#: analysis passes by the type of their result
+ANALYSES: dict[type, type[AnalysisPass]] = {}
+
+
 def register(cls: type[Pass]) -> type[Pass]:
     for key in (cls.name, *cls.aliases):
         if key in REGISTRY and REGISTRY[key] is not cls:
             raise ValueError(f"pass name '{key}' registered twice")
         REGISTRY[key] = cls
+    if issubclass(cls, AnalysisPass):
+        if cls.result in ANALYSES and ANALYSES[cls.result] is not cls:
+            raise ValueError(f"two analyses give {cls.result.__name__}")
+        ANALYSES[cls.result] = cls
     return cls
+
+
+def analysis_for(result: type) -> type[AnalysisPass]:
+    _load_passes()
+    if result not in ANALYSES:
+        raise PipelineError(f"no analysis pass gives {result.__name__}")
+    return ANALYSES[result]
 
 
 def pass_class(name: str) -> type[Pass]:
@@ -204,37 +235,66 @@ def parse_pipeline(text: str) -> list[Pass]:
     return passes
 
 
-# -- analysis manager ------------------------------------------------------------------------------
-class AnalysisManager:
-    """Caches analysis results by pass name; a modifying rewrite clears the cache."""
+# -- what passes read and hand on --------------------------------------------------------------
+@dataclass(frozen=True)
+class PassInputs:
+    """What the caller gives the passes: calibration feeds, labels (one per calibration sample),
+    per-weight saliency arrays by initializer name, and the seed of anything random."""
 
-    def __init__(self) -> None:
-        self._results: dict[str, Any] = {}
-        self._configured: dict[str, AnalysisPass] = {}
+    calibration: Mapping[str, np.ndarray] | None = None
+    labels: np.ndarray | None = None
+    saliency: Mapping[str, np.ndarray] | None = None
+    seed: int = 0
+
+
+@dataclass
+class PipelineState:
+    """What the passes of one run hand on to later ones, and the pass manager's references."""
+
+    #: a later pass fits against the model as it was before pruning (see `RewritePass.needs_unpruned`)
+    keep_unpruned: bool = False
+    #: that model, copied by the pruning pass
+    unpruned: Model | None = None
+    #: (tensor, axis) -> element indices the pruning kept, for refit targets
+    kept: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    #: state inputs and outputs (a KV cache) that lost units so far: name -> axis -> kept indices
+    resized: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    #: the pass manager's sample feeds, the dense model's outputs on them and their shapes
+    feeds: dict[str, np.ndarray] | None = None
+    dense_outputs: list[np.ndarray] | None = None
+    output_shapes: tuple | None = None
+    #: the verification of the model as it is now (None after a rewrite not yet verified)
+    verification: runtime.Verification | None = None
+
+
+class AnalysisManager:
+    """Caches analysis results by their type; a modifying rewrite drops those it does not preserve."""
+
+    def __init__(self, inputs: PassInputs | None = None) -> None:
+        self._results: dict[type, Any] = {}
+        self._configured: dict[type, AnalysisPass] = {}
         self.model: Model | None = None
-        self.context: dict[str, Any] = {}  # shared inputs, e.g. saliency arrays from torch
+        self.inputs = inputs or PassInputs()
+        self.state = PipelineState()
 
     def run(self, analysis: AnalysisPass, model: Model) -> Any:
-        self._configured[analysis.name] = analysis
-        self._results[analysis.name] = analysis.run(model, self)
-        return self._results[analysis.name]
+        self._configured[analysis.result] = analysis
+        self._results[analysis.result] = analysis.run(model, self)
+        return self._results[analysis.result]
 
-    def get(self, name: str, model: Model) -> Any:
-        """The cached result of analysis `name`, re-run (with its last options) when stale."""
-        cls = pass_class(name)
-        if cls.name not in self._results:
-            analysis = self._configured.get(cls.name) or cls()
-            if not isinstance(analysis, AnalysisPass):
-                raise PipelineError(f"'{name}' is not an analysis pass")
+    def get(self, result: type[T], model: Model) -> T:
+        """The cached analysis result of type `result`, re-run (with its last options) when stale."""
+        if result not in self._results:
+            analysis = self._configured.get(result) or analysis_for(result)()
             return self.run(analysis, model)
-        return self._results[cls.name]
+        return self._results[result]
 
-    def cached(self, name: str) -> Any:
-        """The current result of analysis `name`, or None when it has not run since the last rewrite."""
-        return self._results.get(pass_class(name).name)
+    def cached(self, result: type[T]) -> T | None:
+        """The current result of type `result`, or None when it has not run since the last rewrite."""
+        return self._results.get(result)
 
-    def invalidate(self) -> None:
-        self._results.clear()
+    def invalidate(self, preserved: tuple[type, ...] = ()) -> None:
+        self._results = {kind: value for kind, value in self._results.items() if kind in preserved}
 
 
 # -- pass manager ----------------------------------------------------------------------------------
@@ -288,15 +348,17 @@ class PassManager:
     """Runs passes in order, verifying the model after every rewrite that modified it."""
 
     def __init__(self, passes: list[Pass], verify: bool = True, seed: int = 0,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, inputs: PassInputs | None = None) -> None:
         self.passes = passes
         self.verify = verify
         self.seed = seed
         self.progress = progress
-        self.am = AnalysisManager()
+        self.am = AnalysisManager(inputs)
 
     def run(self, model: Model) -> Report:
         check_supported(model)
+        state = self.am.state
+        state.keep_unpruned = any(isinstance(p, RewritePass) and p.needs_unpruned for p in self.passes)
         for p in self.passes:
             if isinstance(p, RewritePass):
                 p.check(model, self.am)
@@ -313,7 +375,7 @@ class PassManager:
             except VerificationError as exc:
                 raise VerificationError(f"the input model does not verify before any pass: {exc}") from exc
             shapes, reference = check.output_shapes, dense
-            self.am.context.update(feeds=feeds, dense_outputs=dense, output_shapes=shapes)
+            state.feeds, state.dense_outputs, state.output_shapes = feeds, dense, shapes
         done: list[str] = []
         unchecked: list[str] = []  # same-computation rewrites since the last verification
         for index, p in enumerate(self.passes):
@@ -334,11 +396,11 @@ class PassManager:
                                     f"{first_line(exc)}{_after(done)}") from exc
             seconds = time.perf_counter() - start
             weights.release_all()  # what the pass read of memory-mapped weights leaves memory again
-            deps = self.am.cached("analyze-deps")  # run by this pass or asked for by it
+            deps = self.am.cached(Dependencies)  # run by this pass or asked for by it
             if deps is not None and not report.groups:
                 report.groups = [{"id": g.id, "kind": g.kind, "label": group_label(g), "units_before": g.units,
                                   "units_after": g.units, "frozen": bool(g.frozen)} for g in deps.weight_groups]
-            importance = self.am.cached("score-importance")
+            importance = self.am.cached(Importance)
             if importance is not None and report.groups and "scores" not in report.groups[0]:
                 for entry in report.groups:  # for the report's charts: every unit's score, as scored
                     values = importance.scores.get(entry["id"])
@@ -349,13 +411,13 @@ class PassManager:
                 for axis, indices in axes.items():
                     earlier[axis] = [earlier[axis][i] for i in indices] if axis in earlier else indices
             if resized:
-                self.am.context[STATE] = report.state
+                state.resized = report.state
             if resized and self.verify:  # a KV cache lost heads: so do its sample feeds and references
                 feeds, shapes, reference, dense = _resize_references(model, resized, feeds, shapes, reference, dense)
-                self.am.context.update(feeds=feeds, dense_outputs=dense, output_shapes=shapes)
+                state.feeds, state.dense_outputs, state.output_shapes = feeds, dense, shapes
             if isinstance(p, RewritePass) and outcome.modified:
-                self.am.invalidate()
-                self.am.context.pop(LAST_VERIFICATION, None)
+                self.am.invalidate(p.preserves)
+                state.verification = None
                 if p.same_computation:
                     unchecked.append(p.name)
                 elif self.verify:
@@ -369,11 +431,11 @@ class PassManager:
                                                 f"{exc}{_after(done)}") from exc
                     if check.max_abs_diff is not None:
                         outcome.stats.setdefault("output_change", check.max_abs_diff)
-                    self.am.context[LAST_VERIFICATION] = check  # verify-model needs no second run
+                    state.verification = check  # verify-model needs no second run
             _update_groups(report, outcome.stats.pop("group_units", None))
             report.passes.append(PassRecord(p.name, round(seconds, 4), outcome.modified, outcome.stats))
             done.append(p.name)
-        if unchecked and self.verify and LAST_VERIFICATION not in self.am.context:
+        if unchecked and self.verify and state.verification is None:
             try:  # no rewrite or verify-model came after them
                 check, reference = runtime.verify(model.to_onnx(), feeds, shapes, reference, LOSSLESS_TOLERANCE)
             except VerificationError as exc:
@@ -395,14 +457,8 @@ def _take_axes(array: np.ndarray, axes: dict[int, list[int]]) -> np.ndarray:
 
 def take_state(arrays: dict[str, np.ndarray], state: dict[str, dict[int, list[int]]]) -> dict[str, np.ndarray]:
     """Inputs for the pruned model from inputs for the dense one: the units the rewrite removed
-    from state inputs (a KV cache's heads) taken out (`Report.state`, `am.context[STATE]`)."""
+    from state inputs (a KV cache's heads) taken out (`Report.state`, `PipelineState.resized`)."""
     return {name: _take_axes(value, state[name]) if name in state else value for name, value in arrays.items()}
-
-
-#: am.context key: the verification of the model as it is now (set after a rewrite verified)
-LAST_VERIFICATION = "last_verification"
-#: am.context key: the state inputs and outputs that lost units so far (name -> axis -> kept)
-STATE = "state"
 
 
 def _resize_references(model: Model, resized: dict[str, dict[int, list[int]]], feeds: dict, shapes: tuple,

@@ -28,6 +28,7 @@ class AnalyzeDepsPass(AnalysisPass):
 
     name = "analyze-deps"
     aliases = ("deps",)
+    result = Dependencies
     Options = DepsOptions
 
     def run(self, model: Model, am: AnalysisManager) -> Dependencies:

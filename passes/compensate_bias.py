@@ -12,8 +12,6 @@ from graphprune.calib import token_rows
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.passes.reconstruct import (
-    KEEP_UNPRUNED,
-    KEPT,
     consumers_of_removed,
     features,
     unpruned_and_calibration,
@@ -66,15 +64,15 @@ class CompensateBiasPass(RewritePass):
     name = "compensate-bias"
     aliases = ("compensate",)
     Options = CompensateOptions
+    needs_unpruned = True
 
     def check(self, model: Model, am: AnalysisManager) -> None:
         if self.options.batch < 1:
             raise OptionError("compensate-bias needs batch >= 1")
-        am.context[KEEP_UNPRUNED] = True
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         dense, feeds = unpruned_and_calibration(am, self.name)
-        kept = am.context.get(KEPT, {})
+        kept = am.state.kept
         consumers = [c for c in consumers_of_removed(model, dense, kept) if c.conv is None]
         if not consumers:
             return PassResult(False, {"layers_compensated": 0})

@@ -188,7 +188,7 @@ class DropOptions:
 class DropBlocksPass(RewritePass):
     """Remove the `count` residual sub-blocks that contribute least.
 
-    Reads: the graph, and ORT runs on the calibration data (`am.context["calibration"]`, else seeded
+    Reads: the graph, and ORT runs on the calibration data (`am.inputs.calibration`, else seeded
     sample inputs), streamed without logits. Changes: the chosen Adds pass their skip input
     through; the branch's nodes become dead (run cleanup afterwards). Preserves: graph
     inputs/outputs and their shapes. Options: count (number of blocks to remove, fewer than the
@@ -218,7 +218,7 @@ class DropBlocksPass(RewritePass):
         if self.options.count >= len(blocks):
             raise OptionError(f"cannot drop {self.options.count} blocks: the model has {len(blocks)} residual "
                               "blocks and at least one must stay")
-        scores = contributions(model, blocks, self.options.seed, self.options.metric, am.context.get("calibration"))
+        scores = contributions(model, blocks, self.options.seed, self.options.metric, am.inputs.calibration)
         order = np.argsort(scores, kind="stable")[: self.options.count]
         dropped = []
         for index in sorted(order):

@@ -65,7 +65,7 @@ class PruneSequentialPass(RewritePass):
     activation (Wanda-sp) from the same pass and removed without a refit. Each node runs once per
     batch, so time is linear in depth; no logits are computed.
 
-    Reads: `analyze-deps`, `am.context["calibration"]` (else seeded random inputs). Changes: as
+    Reads: `analyze-deps`, `am.inputs.calibration` (else seeded random inputs). Changes: as
     prune-units, plus the consumers' refit weights. Preserves: graph I/O and output shapes.
     Options: ratio, head_ratio / neuron_ratio / channel_ratio, round_to, round_mode, hidden (as
     prune-units, uniform allocation only), damp (ridge, relative to the mean diagonal of X^T X),
@@ -86,8 +86,8 @@ class PruneSequentialPass(RewritePass):
         return given.get(group.kind, self.options.ratio)
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        deps: Dependencies = am.get("analyze-deps", model)
-        feeds = am.context.get("calibration")
+        deps = am.get(Dependencies, model)
+        feeds = am.inputs.calibration
         if feeds is None:
             logger.info("no calibration data: prune-sequential uses %d seeded random samples", RANDOM_SAMPLES)
             feeds = random_calibration(model.to_onnx())

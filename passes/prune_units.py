@@ -10,8 +10,8 @@ from graphprune import cost, runtime
 from graphprune.bench import relative_latency
 from graphprune.deps import Dependencies
 from graphprune.errors import OptionError
+from graphprune.importance import Importance
 from graphprune.ir import Model
-from graphprune.passes.reconstruct import KEEP_UNPRUNED, KEPT, UNPRUNED
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.plan import kind_ratios, make_plan, validate_budget
 from graphprune.rewrite import apply_plan, kept_indices
@@ -109,11 +109,11 @@ class PruneUnitsPass(RewritePass):
             dense = max(getattr(cost.totals(model), measure), 1)
             return lambda trial: getattr(cost.totals(trial), measure) / dense
         proto = model.to_onnx()
-        calibration = am.context.get("calibration")
+        calibration = am.inputs.calibration
         if calibration is not None:
             feeds = {name: array[:LATENCY_SAMPLES] for name, array in calibration.items()}
         else:
-            feeds = runtime.sample_inputs(proto, seed=am.context.get("seed", 0), dynamic_dim=LATENCY_SAMPLES)
+            feeds = runtime.sample_inputs(proto, seed=am.inputs.seed, dynamic_dim=LATENCY_SAMPLES)
         reference = runtime.session(proto, threads=LATENCY_THREADS)
         return lambda trial: latency_fraction(reference, trial, feeds, self.options.latency_runs)
 
@@ -152,14 +152,14 @@ class PruneUnitsPass(RewritePass):
         return kind_ratios(self.options.head_ratio, self.options.neuron_ratio, self.options.channel_ratio)
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
-        deps: Dependencies = am.get("analyze-deps", model)
-        importance = am.get("score-importance", model)
+        deps = am.get(Dependencies, model)
+        importance = am.get(Importance, model)
         if self.lossless:
             # exact removal only: a zero unit still shifts a normalization's mean and variance
             deps = replace(deps, groups=tuple(g if g.exact else replace(g, frozen=("inexact",))
                                               for g in deps.groups))
-        if am.context.get(KEEP_UNPRUNED):  # a later `reconstruct` fits against the model as it was
-            am.context[UNPRUNED] = model.copy()
+        if am.state.keep_unpruned:  # a later `reconstruct` fits against the model as it was
+            am.state.unpruned = model.copy()
         ratio, target_stats = self.options.ratio, {}
         target = self._target()
         if target is not None:
@@ -170,8 +170,8 @@ class PruneUnitsPass(RewritePass):
         plan = self._plan(deps, importance, ratio, warn=True)
         if not plan.kept:
             return PassResult(False, {"groups_pruned": 0, "units_removed": 0, **target_stats})
-        if am.context.get(KEEP_UNPRUNED):  # which elements stayed, for the refit targets
-            am.context[KEPT] = kept_indices(deps, plan)
+        if am.state.keep_unpruned:  # which elements stayed, for the refit targets
+            am.state.kept = kept_indices(deps, plan)
         stats = apply_plan(model, deps, plan) | target_stats
         stats["group_units"] = {gid: len(kept) for gid, kept in plan.kept.items()}
         return PassResult(True, stats)

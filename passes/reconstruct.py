@@ -22,16 +22,13 @@ from graphprune.calib import RANDOM_SAMPLES, positions, random_calibration, toke
 from graphprune.errors import OptionError
 from graphprune.ir import Model
 from graphprune.ops import CALIBRATED_OPS
-from graphprune.pipeline import STATE, AnalysisManager, PassResult, RewritePass, register, take_state
+from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register, take_state
 from graphprune.stream import Walk
 from graphprune.weights import replacement
 
 logger = logging.getLogger(__name__)
 
 #: set by `reconstruct`'s check: the prune pass then keeps a copy of the model before it prunes
-KEEP_UNPRUNED = "keep_unpruned"
-UNPRUNED = "unpruned"
-KEPT = "kept_indices"  # (tensor, axis) -> element indices kept, for outputs that lost units too
 
 
 #: conv consumers: at most this many output positions per calibration batch enter the fit
@@ -129,10 +126,10 @@ def _residual_input(model: Model, output: str) -> str | None:
 def unpruned_and_calibration(am: AnalysisManager, pass_name: str) -> tuple[Model, dict[str, np.ndarray]]:
     """The model as `prune-units` found it and the calibration inputs (else seeded random inputs),
     for a pass that corrects the pruned model against the dense one."""
-    dense = am.context.get(UNPRUNED)
+    dense = am.state.unpruned
     if dense is None:
         raise OptionError(f"{pass_name} must follow prune-units in the pipeline")
-    feeds = am.context.get("calibration")
+    feeds = am.inputs.calibration
     if feeds is None:
         logger.info("no calibration data: %s uses %d seeded random samples", pass_name, RANDOM_SAMPLES)
         feeds = random_calibration(dense.to_onnx())
@@ -198,26 +195,26 @@ class ReconstructPass(RewritePass):
     """Least-squares refit of the consumers of removed units (see module doc).
 
     Reads: the model before `prune-units` (kept by that pass when this one follows it), the
-    calibration inputs (`am.context["calibration"]`, else seeded random inputs). Changes: the
+    calibration inputs (`am.inputs.calibration`, else seeded random inputs). Changes: the
     weights of MatMul/Gemm consumers whose contraction axis shrank. Preserves: graph I/O and every
     shape. Options: damp (ridge term relative to the mean diagonal of X^T X), batch.
     """
 
     name = "reconstruct"
     Options = ReconstructOptions
+    needs_unpruned = True
 
     def check(self, model: Model, am: AnalysisManager) -> None:
         if self.options.damp < 0 or self.options.batch < 1:
             raise OptionError("reconstruct needs damp >= 0 and batch >= 1")
-        am.context[KEEP_UNPRUNED] = True
 
     def run(self, model: Model, am: AnalysisManager) -> PassResult:
         dense, feeds = unpruned_and_calibration(am, self.name)
-        consumers = consumers_of_removed(model, dense, am.context.get(KEPT, {}))
+        consumers = consumers_of_removed(model, dense, am.state.kept)
         if not consumers:
             return PassResult(False, {"layers_refit": 0})
         skips = {c.y: c.residual for c in consumers if c.residual and self.options.residual}
-        state = am.context.get(STATE, {})  # a KV cache that lost heads: the pruned model's feeds lose them too
+        state = am.state.resized  # a KV cache that lost heads: the pruned model's feeds lose them too
         # both models stream through the calibration data side by side, one consumer at a time: the
         # pruned one runs each stretch after the consumers in it were refit
         dense_walk = Walk(dense, [c.y for c in consumers] + list(skips.values()), feeds, self.options.batch)

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from graphprune.deps import Dependencies
 from graphprune.importance import Importance, ScoreInputs, scorer_for
 from graphprune.importance.magnitude import magnitude
 from graphprune.ir import Model
@@ -27,16 +28,16 @@ class ScoreImportancePass(AnalysisPass):
     """Score units by their weights across the whole group.
 
     Reads: `analyze-deps`, the weights; for `saliency`, per-initializer arrays given by the caller
-    in `am.context["saliency"]` (e.g. the Taylor terms dL/dw * w from torch autograd).
+    in `am.inputs.saliency` (e.g. the Taylor terms dL/dw * w from torch autograd).
     Changes/Preserves: nothing (analysis). Result: `Importance`.
     Options: kind = l1 (sum |w|) | l2 (sqrt of sum w^2) | random (baseline, seeded) | saliency
     (|sum of the given per-weight contributions| per unit) | activation or wanda-sp (Wanda-sp:
-    weights that consume the unit times its activation norms on `am.context["calibration"]`, or on
+    weights that consume the unit times its activation norms on `am.inputs.calibration`, or on
     seeded random inputs when none is given; see graphprune.importance.activation) | flap (FLAP's fluctuation:
     the variance of the unit's activations times the squared weights that consume them; the
     bias compensation is the `compensate-bias` pass, which `prune --importance flap` adds) | taylor (first-order change of the
     loss when the unit goes, by gradients through the lowered graph on the same calibration inputs:
-    the task loss when `am.context["labels"]` holds labels, else the output change along random
+    the task loss when `am.inputs.labels` holds labels, else the output change along random
     directions; see graphprune.importance.taylor) | fisher (the same, squared before averaging) | obs (the
     greedy order in which the consumer layer, re-fit by least squares, misses its units least:
     structured Optimal Brain Surgeon on the calibration activations, see graphprune.importance.obs; groups
@@ -49,13 +50,16 @@ class ScoreImportancePass(AnalysisPass):
 
     name = "score-importance"
     aliases = ("importance",)
+    result = Importance
+    requires = (Dependencies,)
     Options = ImportanceOptions
 
     def run(self, model: Model, am: AnalysisManager) -> Importance:
-        deps = am.get("analyze-deps", model)
+        deps = am.get(Dependencies, model)
         kind = self.options.kind
-        inputs = ScoreInputs(calibration=am.context.get("calibration"), labels=am.context.get("labels"),
-                             saliency=am.context.get("saliency"), seed=self.options.seed)
+        given = am.inputs
+        inputs = ScoreInputs(calibration=given.calibration, labels=given.labels, saliency=given.saliency,
+                             seed=self.options.seed)
         scores = scorer_for(kind)(model, deps, kind, inputs)
         tensors = model.tensors()
         for group in deps.prunable:  # groups the criterion cannot score (no weight reads them): l2

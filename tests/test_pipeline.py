@@ -7,7 +7,9 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import graphprune
+from graphprune.deps import Dependencies
 from graphprune.errors import PipelineError, VerificationError
+from graphprune.importance import Importance
 from graphprune.pipeline import (
     REGISTRY,
     AnalysisManager,
@@ -48,10 +50,31 @@ def test_analysis_results_are_cached_until_a_rewrite(trained_simple_net) -> None
     model = graphprune.load_model(trained_simple_net.path)
     model.infer_shapes()
     am = AnalysisManager()
-    first = am.get("deps", model)
-    assert am.get("analyze-deps", model) is first
+    first = am.get(Dependencies, model)
+    assert am.get(Dependencies, model) is first and am.cached(Dependencies) is first
+    scores = am.get(Importance, model)  # computed on request, from the cached dependencies
+    am.invalidate(preserved=(Dependencies,))
+    assert am.cached(Dependencies) is first and am.cached(Importance) is None
     am.invalidate()
-    assert am.get("deps", model) is not first
+    assert am.get(Dependencies, model) is not first and am.get(Importance, model) is not scores
+
+
+def test_passes_declare_what_they_need(trained_simple_net) -> None:
+    """Analyses are asked for by type; a refit pass declares that it needs the unpruned model, and
+    the pass manager has the pruning pass keep it (no pass writes shared state in `check`)."""
+    from graphprune.pipeline import ANALYSES, analysis_for, pass_class
+
+    assert analysis_for(Dependencies).name == "analyze-deps" and analysis_for(Importance).name == "score-importance"
+    assert Dependencies in pass_class("score-importance").requires and len(ANALYSES) == 3
+    with pytest.raises(PipelineError, match="no analysis pass gives int"):
+        analysis_for(int)
+    model = graphprune.load_model(trained_simple_net.path)
+    manager = PassManager(parse_pipeline("deps,importance,prune{ratio=0.5},reconstruct"))
+    manager.run(model)
+    assert manager.am.state.keep_unpruned and manager.am.state.unpruned is not None and manager.am.state.kept
+    plain = PassManager(parse_pipeline("deps,importance,prune{ratio=0.5}"))
+    plain.run(graphprune.load_model(trained_simple_net.path))
+    assert not plain.am.state.keep_unpruned and plain.am.state.unpruned is None
 
 
 def test_report_has_timing_stats_and_groups(trained_simple_net) -> None:

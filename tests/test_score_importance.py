@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import graphprune
+from graphprune.deps import Dependencies
 from graphprune.pipeline import AnalysisManager, parse_pipeline
 
 
@@ -13,7 +14,7 @@ def _scores(model, text: str):
     model.infer_shapes()
     am = AnalysisManager()
     result = am.run(parse_pipeline(text)[0], model)
-    (group,) = am.get("deps", model).prunable
+    (group,) = am.get(Dependencies, model).prunable
     return result.scores[group.id]
 
 
