@@ -11,21 +11,31 @@ import onnx_graphsurgeon as gs
 from graphprune.deps import GQA_MODES, Dependencies, analyze
 from graphprune.errors import OptionError
 from graphprune.ir import Model, unshare_constants
-from graphprune.pipeline import AnalysisManager, PassInputs, PassManager, Progress, Report, parse_pipeline
+from graphprune.pipeline import (
+    AnalysisManager,
+    Pass,
+    PassInputs,
+    PassManager,
+    Progress,
+    Report,
+    format_pipeline,
+    make_pass,
+    parse_pipeline,
+)
 from graphprune.plan import make_plan, validate_budget
 
 logger = logging.getLogger(__name__)
 
 
-def build_pipeline(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
-                   round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None,
-                   weight_threshold: float | None = None, seed: int = 0, prune_hidden: bool = False,
-                   drop_blocks: int | None = None, reconstruct: bool = False, allocation: str = "uniform",
-                   head_ratio: float | None = None, ffn_ratio: float | None = None,
-                   channel_ratio: float | None = None, target_params: float | None = None,
-                   target_flops: float | None = None, target_latency: float | None = None,
-                   gqa: str = "kv", uniform_heads: bool = False) -> str:
-    """Pipeline text for the usual options (what `graphprune prune` runs without --pipeline)."""
+def build_passes(ratio: float | None = None, threshold: float | None = None, importance: str = "l2",
+                 round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None,
+                 weight_threshold: float | None = None, seed: int = 0, prune_hidden: bool = False,
+                 drop_blocks: int | None = None, reconstruct: bool = False, allocation: str = "uniform",
+                 head_ratio: float | None = None, ffn_ratio: float | None = None,
+                 channel_ratio: float | None = None, target_params: float | None = None,
+                 target_flops: float | None = None, target_latency: float | None = None,
+                 gqa: str = "kv", uniform_heads: bool = False) -> list[Pass]:
+    """The passes for the usual options (what `graphprune prune` runs without --pipeline)."""
     targets = {k: v for k, v in (("target_params", target_params), ("target_flops", target_flops),
                                  ("target_latency", target_latency)) if v is not None}
     structural = ratio is not None or threshold is not None or bool(targets)
@@ -43,7 +53,7 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
         raise OptionError(f"--gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
     if drop_blocks is not None and drop_blocks < 0:
         raise OptionError(f"--drop-blocks must be >= 0, got {drop_blocks}")
-    stages = [f"drop-blocks{{count={drop_blocks},seed={seed}}}"] if drop_blocks else []
+    passes = [make_pass("drop-blocks", count=drop_blocks, seed=seed)] if drop_blocks else []
     if structural:
         if targets:
             if len(targets) > 1 or ratio is not None or threshold is not None:
@@ -52,37 +62,39 @@ def build_pipeline(ratio: float | None = None, threshold: float | None = None, i
             (key, value), = targets.items()
             if not 0 < value < 1:
                 raise OptionError(f"--{key.replace('_', '-')} is the fraction kept, in (0, 1); got {value}")
-            budget = f"{key}={value}"
+            budget = {key: value}
         else:
             validate_budget(ratio, threshold, round_to)
-            budget = f"ratio={ratio}" if ratio is not None else f"threshold={threshold}"
-        rounding = ("" if round_to is None else f",round_to={round_to}") + (
-            "" if round_mode == "up" else f",round_mode={round_mode}") + (",hidden=true" if prune_hidden else "")
-        rounding += "" if allocation == "uniform" else f",allocation={allocation}"
-        rounding += ",uniform_heads=true" if uniform_heads else ""
-        for key, value in (("head_ratio", head_ratio), ("neuron_ratio", ffn_ratio), ("channel_ratio", channel_ratio)):
-            rounding += "" if value is None else f",{key}={value}"
-        deps = "deps" if gqa == "kv" else f"deps{{gqa={gqa}}}"
+            budget = {"ratio": ratio} if ratio is not None else {"threshold": threshold}
+        shares = {"round_to": round_to, "round_mode": round_mode, "hidden": prune_hidden, "head_ratio": head_ratio,
+                  "neuron_ratio": ffn_ratio, "channel_ratio": channel_ratio}
+        passes += [make_pass("unshare-constants"), make_pass("analyze-deps", gqa=gqa)]
         if reconstruct and importance == "obs" and ratio is not None and allocation == "uniform" \
                 and not uniform_heads:
             # scores, removal and refit in one pass over the calibration data, layer by layer
-            stages += ["unshare", deps, f"prune-sequential{{{budget}{rounding}}}"]
+            passes.append(make_pass("prune-sequential", **budget, **shares))
         else:
-            stages += ["unshare", deps, f"importance{{kind={importance},seed={seed}}}", f"prune{{{budget}{rounding}}}"]
+            passes += [make_pass("score-importance", kind=importance, seed=seed),
+                       make_pass("prune-units", **budget, **shares, allocation=allocation, uniform_heads=uniform_heads)]
             # FLAP: its fluctuation metric plus the removed units' mean folded into the next bias
-            stages += ["reconstruct"] if reconstruct else ["compensate-bias"] if importance == "flap" else []
+            passes += [make_pass("reconstruct")] if reconstruct else \
+                [make_pass("compensate-bias")] if importance == "flap" else []
     if unstructured:
-        amount = f"sparsity={sparsity}" if sparsity is not None else f"threshold={weight_threshold}"
-        stages.append(f"sparsify{{{amount}}}")
-    stages += ["cleanup", "verify"]
-    return ",".join(stages)
+        amount = {"sparsity": sparsity} if sparsity is not None else {"threshold": weight_threshold}
+        passes.append(make_pass("sparsify-weights", **amount))
+    return passes + [make_pass("cleanup-graph"), make_pass("verify-model")]
+
+
+def build_pipeline(**options) -> str:
+    """The pipeline text of `build_passes(**options)`."""
+    return format_pipeline(build_passes(**options))
 
 
 def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, np.ndarray] | None = None,
           calibration: Mapping[str, np.ndarray] | None = None, labels: np.ndarray | None = None,
           verify: bool = True,
           progress: Progress | None = None, seed: int = 0, **options) -> Report:
-    """Prune `model` in place with a pipeline text or the options of `build_pipeline`.
+    """Prune `model` in place with a pipeline text or the options of `build_passes`.
 
     `saliency` maps initializer names to per-weight contributions (e.g. from
     `frontend.taylor_saliency` + `frontend.saliency_for`) for `importance="saliency"`;
@@ -99,11 +111,11 @@ def prune(model: Model, pipeline: str | None = None, *, saliency: Mapping[str, n
         logger.warning("%s magnitude importance on a language model: weight norms say little about what an "
                        "LLM's units do (perplexity can explode); give calibration text and --importance "
                        "activation or obs", options["importance"])
-    text = pipeline if pipeline is not None else build_pipeline(seed=seed, **options)
+    passes = parse_pipeline(pipeline) if pipeline is not None else build_passes(seed=seed, **options)
     inputs = PassInputs(calibration=None if calibration is None else dict(calibration),
                         labels=None if labels is None else np.asarray(labels),
                         saliency=None if saliency is None else dict(saliency), seed=seed)
-    return PassManager(parse_pipeline(text), verify=verify, seed=seed, progress=progress, inputs=inputs).run(model)
+    return PassManager(passes, verify=verify, seed=seed, progress=progress, inputs=inputs).run(model)
 
 
 #: importance kinds that read weights only

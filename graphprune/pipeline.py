@@ -59,8 +59,18 @@ class Pass:
         self.options = options if options is not None else self.Options()
 
     def __repr__(self) -> str:
-        values = ",".join(f"{f.name}={getattr(self.options, f.name)}" for f in dataclasses.fields(self.options))
+        """The pass as pipeline text: its name and the options that differ from their defaults
+        (`parse_pipeline` reads it back into an equal pass)."""
+        default = type(self.options)()
+        values = ",".join(f"{f.name}={getattr(self.options, f.name)}" for f in dataclasses.fields(self.options)
+                          if getattr(self.options, f.name) != getattr(default, f.name))
         return f"{self.name}{{{values}}}" if values else self.name
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.options == self.options
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.options))
 
 
 class AnalysisPass(Pass):
@@ -212,6 +222,39 @@ def make_options(cls: type[Pass], values: dict[str, str]) -> Any:
     return cls.Options(**kwargs)
 
 
+def make_pass(name: str, **options: Any) -> Pass:
+    """The pass `name` (or alias) with these options, checked as pipeline text would be: unknown
+    options and values outside a Literal's choices raise PipelineError naming them."""
+    cls = pass_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Options)}
+    hints = typing.get_type_hints(cls.Options)
+    for key, value in options.items():
+        if key not in fields:
+            raise PipelineError(f"pass '{cls.name}' has no option '{key}' (options: {', '.join(fields) or 'none'})")
+        choices = _choices(hints[key])
+        if choices is not None and value not in choices:
+            raise PipelineError(f"option '{key}' of pass '{cls.name}': '{value}' is not one of "
+                                f"{', '.join(map(str, choices))}")
+    return cls(cls.Options(**options))
+
+
+def _choices(annotation: Any) -> tuple | None:
+    """The allowed values of a Literal option (None included when it is optional), else None."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        literals = [a for a in typing.get_args(annotation) if typing.get_origin(a) is Literal]
+        if literals:
+            return tuple(v for a in literals for v in typing.get_args(a)) + (
+                (None,) if type(None) in typing.get_args(annotation) else ())
+    return None
+
+
+def format_pipeline(passes: list[Pass]) -> str:
+    """Pipeline text that `parse_pipeline` reads back into equal passes."""
+    return ",".join(repr(p) for p in passes)
+
+
 def parse_pipeline(text: str) -> list[Pass]:
     """Turn pipeline text into configured passes; errors name the offending piece."""
     if not text or not text.strip():
@@ -344,109 +387,229 @@ def _jsonable(value: Any) -> Any:
 Progress = Callable[[str, int, int], None]
 
 
+@dataclass
+class PassRun:
+    """One pass's run as the instruments see it."""
+
+    index: int
+    total: int
+    pass_: Pass
+    #: the names of the passes that ran before it
+    before: list[str]
+    outcome: PassResult = field(default_factory=lambda: PassResult(False))
+    seconds: float = 0.0
+    #: state inputs and outputs (a KV cache) this pass took units from: name -> axis -> kept
+    resized: dict[str, dict[int, list[int]]] | None = None
+
+
+class Instrument:
+    """Hooks around the passes of `PassManager.run` (TVM's PassInstrument): `start` before the
+    first pass, `before` and `after` every pass (`after` while its analyses are still cached),
+    `changed` after a rewrite that modified the model (its stale analyses dropped), `done` when a
+    pass is finished, `finish` after the last one."""
+
+    def start(self, model: Model, am: AnalysisManager) -> None:
+        pass
+
+    def before(self, run: PassRun) -> None:
+        pass
+
+    def after(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        pass
+
+    def changed(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        pass
+
+    def done(self, run: PassRun) -> None:
+        pass
+
+    def finish(self, model: Model, am: AnalysisManager) -> None:
+        pass
+
+
+class Timing(Instrument):
+    def before(self, run: PassRun) -> None:
+        self._start = time.perf_counter()
+
+    def after(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        run.seconds = time.perf_counter() - self._start
+
+
+class ProgressReport(Instrument):
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def before(self, run: PassRun) -> None:
+        self.progress(run.pass_.name, run.index, run.total)
+
+
+class ReleaseWeights(Instrument):
+    """What a pass read of memory-mapped weights leaves memory again."""
+
+    def after(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        weights.release_all()
+
+
+class Reporting(Instrument):
+    """The report: costs before and after, the groups (with every unit's score, for the charts)
+    and their unit counts, the resized state, one record per pass."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def start(self, model: Model, am: AnalysisManager) -> None:
+        before = cost.totals(model)
+        self.report.params_before, self.report.macs_before, self.report.flops_before = \
+            before.params, before.macs, before.flops
+
+    def after(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        report = self.report
+        deps = am.cached(Dependencies)  # run by this pass or asked for by it
+        if deps is not None and not report.groups:
+            report.groups = [{"id": g.id, "kind": g.kind, "label": group_label(g), "units_before": g.units,
+                              "units_after": g.units, "frozen": bool(g.frozen)} for g in deps.weight_groups]
+        importance = am.cached(Importance)
+        if importance is not None and report.groups and "scores" not in report.groups[0]:
+            for entry in report.groups:
+                values = importance.scores.get(entry["id"])
+                entry["scores"] = None if values is None else [float(v) for v in values]
+        run.resized = run.outcome.stats.pop("state", None)
+        for name, axes in (run.resized or {}).items():  # a later rewrite takes from what is left
+            earlier = report.state.setdefault(name, {})
+            for axis, indices in axes.items():
+                earlier[axis] = [earlier[axis][i] for i in indices] if axis in earlier else indices
+        if run.resized:
+            am.state.resized = report.state
+        _update_groups(report, run.outcome.stats.pop("group_units", None))
+
+    def done(self, run: PassRun) -> None:
+        self.report.passes.append(PassRecord(run.pass_.name, round(run.seconds, 4), run.outcome.modified,
+                                             run.outcome.stats))
+
+    def finish(self, model: Model, am: AnalysisManager) -> None:
+        after = cost.totals(model)
+        self.report.params_after, self.report.macs_after, self.report.flops_after = \
+            after.params, after.macs, after.flops
+
+
+class Verifier(Instrument):
+    """The dense model's outputs on seeded sample inputs, and after every rewrite that modified the
+    model: checker, shape inference, an ORT run, the same output shapes, and for lossless passes
+    the same outputs. A same-computation rewrite is covered by the next verification (or a final
+    one). A failure names the pass and the passes before it."""
+
+    def __init__(self, report: Report, seed: int) -> None:
+        self.report = report
+        self.seed = seed
+        self.unchecked: list[str] = []
+
+    def start(self, model: Model, am: AnalysisManager) -> None:
+        proto = model.to_onnx()
+        self.feeds = runtime.sample_inputs(proto, seed=self.seed)
+        try:
+            check, self.dense = runtime.verify(proto, self.feeds)
+        except VerificationError as exc:
+            raise VerificationError(f"the input model does not verify before any pass: {exc}") from exc
+        self.shapes, self.reference = check.output_shapes, self.dense
+        self._share(am)
+
+    def _share(self, am: AnalysisManager) -> None:
+        am.state.feeds, am.state.dense_outputs, am.state.output_shapes = self.feeds, self.dense, self.shapes
+
+    def after(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        if run.resized:  # a KV cache lost heads: so do the sample feeds and the references
+            self.feeds, self.shapes, self.reference, self.dense = _resize_references(
+                model, run.resized, self.feeds, self.shapes, self.reference, self.dense)
+            self._share(am)
+
+    def changed(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        if run.pass_.same_computation:
+            self.unchecked.append(run.pass_.name)
+            return
+        tolerance = LOSSLESS_TOLERANCE if run.pass_.lossless else None
+        names = " and ".join(f"'{name}'" for name in [*self.unchecked, run.pass_.name])
+        self.unchecked = []
+        try:
+            check, self.reference = runtime.verify(model.to_onnx(), self.feeds, self.shapes, self.reference, tolerance)
+        except VerificationError as exc:
+            raise VerificationError(f"pass {names} produced a model that does not verify: "
+                                    f"{exc}{_after(run.before)}") from exc
+        if check.max_abs_diff is not None:
+            run.outcome.stats.setdefault("output_change", check.max_abs_diff)
+        am.state.verification = check  # verify-model needs no second run
+
+    def finish(self, model: Model, am: AnalysisManager) -> None:
+        if self.unchecked and am.state.verification is None:
+            try:  # no rewrite or verify-model came after them
+                _, self.reference = runtime.verify(model.to_onnx(), self.feeds, self.shapes, self.reference,
+                                                   LOSSLESS_TOLERANCE)
+            except VerificationError as exc:
+                names = " and ".join(f"'{name}'" for name in self.unchecked)
+                raise VerificationError(f"pass {names} produced a model that does not verify: {exc}") from exc
+        self.report.verified = True
+        self.report.max_output_diff = runtime.max_relative_diff(self.dense, self.reference)
+
+
 class PassManager:
-    """Runs passes in order, verifying the model after every rewrite that modified it."""
+    """Runs passes in order, with instruments around them (timing, progress, weight release, the
+    report and, unless `verify=False`, verification after every rewrite that modified the model)."""
 
     def __init__(self, passes: list[Pass], verify: bool = True, seed: int = 0,
-                 progress: Progress | None = None, inputs: PassInputs | None = None) -> None:
+                 progress: Progress | None = None, inputs: PassInputs | None = None,
+                 instruments: list[Instrument] | None = None) -> None:
         self.passes = passes
         self.verify = verify
         self.seed = seed
         self.progress = progress
         self.am = AnalysisManager(inputs)
+        self.extra = instruments or []
 
     def run(self, model: Model) -> Report:
         check_supported(model)
-        state = self.am.state
-        state.keep_unpruned = any(isinstance(p, RewritePass) and p.needs_unpruned for p in self.passes)
+        self.am.state.keep_unpruned = any(isinstance(p, RewritePass) and p.needs_unpruned for p in self.passes)
         for p in self.passes:
             if isinstance(p, RewritePass):
                 p.check(model, self.am)
         model.infer_shapes()
         report = Report()
-        before = cost.totals(model)
-        report.params_before, report.macs_before, report.flops_before = before.params, before.macs, before.flops
-        feeds = reference = dense = shapes = None
-        if self.verify:
-            proto = model.to_onnx()
-            feeds = runtime.sample_inputs(proto, seed=self.seed)
-            try:
-                check, dense = runtime.verify(proto, feeds)
-            except VerificationError as exc:
-                raise VerificationError(f"the input model does not verify before any pass: {exc}") from exc
-            shapes, reference = check.output_shapes, dense
-            state.feeds, state.dense_outputs, state.output_shapes = feeds, dense, shapes
+        instruments: list[Instrument] = [ProgressReport(self.progress)] if self.progress else []
+        instruments += [Timing(), ReleaseWeights(), Reporting(report)]
+        instruments += [Verifier(report, self.seed)] if self.verify else []
+        instruments += self.extra
+        for instrument in instruments:
+            instrument.start(model, self.am)
         done: list[str] = []
-        unchecked: list[str] = []  # same-computation rewrites since the last verification
         for index, p in enumerate(self.passes):
-            if self.progress:
-                self.progress(p.name, index, len(self.passes))
-            start = time.perf_counter()
-            try:
-                if isinstance(p, AnalysisPass):
-                    result = self.am.run(p, model)
-                    outcome = PassResult(False, getattr(result, "stats", {}) or {})
-                else:
-                    outcome = p.run(model, self.am)
-            except GraphpruneError as exc:
-                raise type(exc)(f"pass '{p.name}' failed: {exc}{_after(done)}") from exc
-            except Exception as exc:
-                logger.debug("pass %s raised", p.name, exc_info=True)
-                raise PipelineError(f"pass '{p.name}' failed with {type(exc).__name__}: "
-                                    f"{first_line(exc)}{_after(done)}") from exc
-            seconds = time.perf_counter() - start
-            weights.release_all()  # what the pass read of memory-mapped weights leaves memory again
-            deps = self.am.cached(Dependencies)  # run by this pass or asked for by it
-            if deps is not None and not report.groups:
-                report.groups = [{"id": g.id, "kind": g.kind, "label": group_label(g), "units_before": g.units,
-                                  "units_after": g.units, "frozen": bool(g.frozen)} for g in deps.weight_groups]
-            importance = self.am.cached(Importance)
-            if importance is not None and report.groups and "scores" not in report.groups[0]:
-                for entry in report.groups:  # for the report's charts: every unit's score, as scored
-                    values = importance.scores.get(entry["id"])
-                    entry["scores"] = None if values is None else [float(v) for v in values]
-            resized = outcome.stats.pop("state", None)
-            for name, axes in (resized or {}).items():  # a later rewrite takes from what is left
-                earlier = report.state.setdefault(name, {})
-                for axis, indices in axes.items():
-                    earlier[axis] = [earlier[axis][i] for i in indices] if axis in earlier else indices
-            if resized:
-                state.resized = report.state
-            if resized and self.verify:  # a KV cache lost heads: so do its sample feeds and references
-                feeds, shapes, reference, dense = _resize_references(model, resized, feeds, shapes, reference, dense)
-                state.feeds, state.dense_outputs, state.output_shapes = feeds, dense, shapes
-            if isinstance(p, RewritePass) and outcome.modified:
+            run = PassRun(index, len(self.passes), p, list(done))
+            for instrument in instruments:
+                instrument.before(run)
+            run.outcome = self._run_pass(p, model, done)
+            for instrument in instruments:
+                instrument.after(run, model, self.am)
+            if isinstance(p, RewritePass) and run.outcome.modified:
                 self.am.invalidate(p.preserves)
-                state.verification = None
-                if p.same_computation:
-                    unchecked.append(p.name)
-                elif self.verify:
-                    tolerance = LOSSLESS_TOLERANCE if p.lossless else None
-                    names = " and ".join(f"'{name}'" for name in [*unchecked, p.name])
-                    unchecked = []
-                    try:
-                        check, reference = runtime.verify(model.to_onnx(), feeds, shapes, reference, tolerance)
-                    except VerificationError as exc:
-                        raise VerificationError(f"pass {names} produced a model that does not verify: "
-                                                f"{exc}{_after(done)}") from exc
-                    if check.max_abs_diff is not None:
-                        outcome.stats.setdefault("output_change", check.max_abs_diff)
-                    state.verification = check  # verify-model needs no second run
-            _update_groups(report, outcome.stats.pop("group_units", None))
-            report.passes.append(PassRecord(p.name, round(seconds, 4), outcome.modified, outcome.stats))
+                self.am.state.verification = None
+                for instrument in instruments:
+                    instrument.changed(run, model, self.am)
+            for instrument in instruments:
+                instrument.done(run)
             done.append(p.name)
-        if unchecked and self.verify and state.verification is None:
-            try:  # no rewrite or verify-model came after them
-                check, reference = runtime.verify(model.to_onnx(), feeds, shapes, reference, LOSSLESS_TOLERANCE)
-            except VerificationError as exc:
-                names = " and ".join(f"'{name}'" for name in unchecked)
-                raise VerificationError(f"pass {names} produced a model that does not verify: {exc}") from exc
-        after = cost.totals(model)
-        report.params_after, report.macs_after, report.flops_after = after.params, after.macs, after.flops
-        if self.verify:
-            report.verified = True
-            report.max_output_diff = runtime.max_relative_diff(dense, reference)
+        for instrument in instruments:
+            instrument.finish(model, self.am)
         return report
+
+    def _run_pass(self, p: Pass, model: Model, done: list[str]) -> PassResult:
+        try:
+            if isinstance(p, AnalysisPass):
+                result = self.am.run(p, model)
+                return PassResult(False, getattr(result, "stats", {}) or {})
+            return p.run(model, self.am)
+        except GraphpruneError as exc:
+            raise type(exc)(f"pass '{p.name}' failed: {exc}{_after(done)}") from exc
+        except Exception as exc:
+            logger.debug("pass %s raised", p.name, exc_info=True)
+            raise PipelineError(f"pass '{p.name}' failed with {type(exc).__name__}: "
+                                f"{first_line(exc)}{_after(done)}") from exc
 
 
 def _take_axes(array: np.ndarray, axes: dict[int, list[int]]) -> np.ndarray:

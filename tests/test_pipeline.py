@@ -27,7 +27,7 @@ def test_parse_pipeline_with_options_and_aliases() -> None:
     assert passes[1].options.kind == "l1" and passes[1].options.seed == 3
     assert passes[2].options.ratio == 0.5 and passes[2].options.round_to == 8
     assert passes[2].options.threshold is None
-    assert repr(passes[2]) == "prune-units{ratio=0.5,threshold=None,round_to=8,round_mode=up,hidden=False,allocation=uniform,max_group_ratio=0.9,head_ratio=None,neuron_ratio=None,channel_ratio=None,target_params=None,target_flops=None,target_latency=None,latency_runs=15,uniform_heads=False}"
+    assert repr(passes[2]) == "prune-units{ratio=0.5,round_to=8}"  # the options that differ from the defaults
 
 
 @pytest.mark.parametrize("text,message", [
@@ -243,3 +243,57 @@ twice (float[N, 6] x, float[6, 6] w) => (float[N, 6] y)
     report = PassManager(parse_pipeline("unshare,deps,prune{ratio=0.5},verify")).run(model)
     assert report.passes[0].modified and report.passes[2].modified and report.verified
     assert len(calls) == 2  # the dense model, and after prune (covering unshare); verify-model reuses it
+
+
+@pytest.mark.parametrize("options", [
+    {"ratio": 0.5}, {"ratio": 0.3, "importance": "obs", "reconstruct": True},
+    {"ratio": 0.2, "importance": "flap", "round_to": 8, "round_mode": "down"}, {"target_flops": 0.5, "gqa": "query"},
+    {"sparsity": 0.5}, {"drop_blocks": 2, "ratio": 0.1, "ffn_ratio": 0.3, "head_ratio": 0.5, "prune_hidden": True},
+    {"threshold": 1e-3, "allocation": "global", "uniform_heads": True, "seed": 7},
+])
+def test_pipeline_text_round_trips_through_pass_objects(options) -> None:
+    """The API builds pass objects; their text (options that differ from the defaults) parses back
+    into equal passes, and parsing then printing any text gives the same passes again."""
+    from graphprune.api import build_passes
+    from graphprune.pipeline import format_pipeline
+
+    passes = build_passes(**options)
+    assert parse_pipeline(format_pipeline(passes)) == passes
+    again = parse_pipeline("deps{gqa=query}, importance{kind=l1,seed=3}, prune{ratio=0.25,round-to=8}, verify")
+    assert parse_pipeline(format_pipeline(again)) == again
+
+
+def test_make_pass_checks_options_like_text() -> None:
+    from graphprune.pipeline import make_pass
+
+    assert make_pass("importance", kind="obs").options.kind == "obs"
+    with pytest.raises(PipelineError, match="'snip' is not one of"):
+        make_pass("score-importance", kind="snip")
+    with pytest.raises(PipelineError, match="has no option 'ratoi'"):
+        make_pass("prune-units", ratoi=0.5)
+
+
+def test_instruments_see_every_pass_and_every_change(trained_simple_net) -> None:
+    from graphprune.pipeline import Instrument
+
+    class Log(Instrument):
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def before(self, run) -> None:
+            self.events.append(f"before {run.pass_.name}")
+
+        def changed(self, run, model, am) -> None:
+            self.events.append(f"changed {run.pass_.name} verified={am.state.verification is not None}")
+
+        def done(self, run) -> None:
+            self.events.append(f"done {run.pass_.name} {run.seconds >= 0}")
+
+    log = Log()
+    model = graphprune.load_model(trained_simple_net.path)
+    report = PassManager(parse_pipeline("deps,importance,prune{ratio=0.5},verify"), instruments=[log]).run(model)
+    assert log.events == ["before analyze-deps", "done analyze-deps True", "before score-importance",
+                          "done score-importance True", "before prune-units",
+                          "changed prune-units verified=True", "done prune-units True", "before verify-model",
+                          "done verify-model True"]
+    assert [p.name for p in report.passes] == ["analyze-deps", "score-importance", "prune-units", "verify-model"]
