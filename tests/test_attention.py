@@ -309,7 +309,7 @@ def test_gqa_query_heads_on_the_onnx_attention_op() -> None:
     KV heads and one query head of each, and dead query heads go exactly."""
     from graphprune.testing import model_from_text
 
-    text = (Path(__file__).parent / "golden" / "onnx_attention_gqa.onnx.txt").read_text()
+    text = (Path(__file__).parent / "golden" / "attention" / "onnx_attention_gqa.onnx.txt").read_text()
     deps = api.inspect(model_from_text(text), gqa="query")
     assert [(g.kind, g.units) for g in deps.prunable] == [("head", 2)]
     model = model_from_text(text)

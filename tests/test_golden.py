@@ -1,4 +1,6 @@
-"""Golden dependency cases: tests/golden/<case>.onnx.txt (ONNX text) beside <case>.expected.
+"""Golden dependency cases: tests/golden/<op family>/<case>.onnx.txt (ONNX text) beside
+<case>.expected, one folder per module of `graphprune.ops` (and `unsupported/` for graphs with ops
+that have no rule).
 
 Each case is analysed (as `graphprune inspect` sees it) and its groups rendered as text must equal
 the expected file. Then the case is pruned at ratio 0.5 through the verifying pass manager: the
@@ -19,10 +21,11 @@ from graphprune.deps import render
 from graphprune.testing import check_dead_unit_removal, model_from_text
 
 GOLDEN = Path(__file__).parent / "golden"
-CASES = sorted(GOLDEN.glob("*.onnx.txt"))
+CASES = sorted(GOLDEN.rglob("*.onnx.txt"))
+IDS = [str(c.relative_to(GOLDEN)).removesuffix(".onnx.txt") for c in CASES]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".onnx.txt") for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_golden_groups(case: Path) -> None:
     model = model_from_text(case.read_text())
     rendered = render(graphprune.inspect(model))
@@ -34,7 +37,7 @@ def test_golden_groups(case: Path) -> None:
     assert rendered == expected_path.read_text()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".onnx.txt") for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_golden_prunes_and_verifies(case: Path) -> None:
     model = model_from_text(case.read_text())
     prunable = graphprune.inspect(model).prunable
@@ -53,7 +56,16 @@ def test_every_case_has_expected_file() -> None:
     assert not missing
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".onnx.txt") for c in CASES])
+def test_cases_sit_in_their_op_familys_folder() -> None:
+    """Every folder is an ops module (or `unsupported`), and nothing is left at the top."""
+    from graphprune import ops
+
+    families = {name for name in dir(ops) if not name.startswith("_")}
+    assert {c.parent.name for c in CASES} <= families | {"unsupported"}
+    assert not list(GOLDEN.glob("*.onnx.txt"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_golden_dead_units_are_removed_exactly(case: Path) -> None:
     """Zero every odd unit of every exact prunable group (in every weight that scores it);
     prune-units with `threshold=0` must remove exactly those units from every member and leave
@@ -62,7 +74,7 @@ def test_golden_dead_units_are_removed_exactly(case: Path) -> None:
     check_dead_unit_removal(model, lambda group: set(range(1, group.units, 2)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name.removesuffix(".onnx.txt") for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_golden_lowering_matches_onnx_runtime(case: Path) -> None:
     """Every golden graph lowers to an fx module that computes what ONNX Runtime computes; a graph
     with an op the lowering lacks (control flow, unknown ops) is refused with its name."""
