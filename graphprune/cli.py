@@ -17,8 +17,12 @@ from rich.table import Table
 from graphprune import api, progress
 from graphprune.deps import OPT_IN_KINDS
 from graphprune.errors import GraphpruneError, OptionError, OutputError
+from graphprune.importance import SCORERS
 from graphprune.ir import first_line, load_model, model_files, save_model
 from graphprune.pipeline import Report
+
+#: --importance choices: every registered criterion but saliency (per-weight arrays from Python)
+CLI_IMPORTANCE = tuple(kind for kind in SCORERS if kind != "saliency")
 
 logger = logging.getLogger("graphprune")
 # a pipe or log file gets wide, unwrapped lines; a terminal gets its own width
@@ -73,8 +77,7 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
     """What `prune` and `sweep` share: scores, calibration, rounding, allocation, recovery."""
     p.add_argument("--upgrade-opset", action="store_true",
                    help="convert a model older than opset 11 to opset 17 first (onnx.version_converter)")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "wanda-sp", "flap", "taylor", "fisher",
-                                            "obs"),
+    p.add_argument("--importance", choices=CLI_IMPORTANCE,
                    help="unit score (default: activation with a --calib .npz, else l2); activation (= wanda-sp): "
                         "weights times activation norms on --calib data; flap: activation variance times squared "
                         "weights (FLAP's fluctuation metric, then its bias compensation); taylor: first-order loss change, by gradients through the lowered graph (task loss "
@@ -140,8 +143,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="dry run: show the units each group would keep")
     budget.add_argument("--threshold", type=float, help="dry run with an importance threshold")
-    p.add_argument("--importance", choices=("l1", "l2", "random", "activation", "wanda-sp", "flap", "taylor", "fisher",
-                                            "obs"), default="l2")
+    p.add_argument("--importance", choices=CLI_IMPORTANCE, default="l2")
     p.add_argument("--round-to", type=int, default=None)
     p.add_argument("--costs", action="store_true", help="also list parameters and MACs per node")
     p.add_argument("--prune-hidden", action="store_true", help="dry run includes the hidden size")

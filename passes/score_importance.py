@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 from graphprune.deps import Dependencies
-from graphprune.importance import Importance, ScoreInputs, scorer_for
+from graphprune.errors import PipelineError
+from graphprune.importance import SCORERS, Importance, ScoreInputs, scorer_for
 from graphprune.importance.magnitude import magnitude
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["l1", "l2", "random", "saliency", "activation", "wanda-sp", "flap", "taylor", "fisher", "obs"]
-
-
 @dataclass(frozen=True)
 class ImportanceOptions:
-    kind: Kind = "l2"
+    #: a registered criterion (`graphprune.importance.SCORERS`)
+    kind: str = "l2"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCORERS:
+            raise PipelineError(f"option 'kind' of pass 'score-importance': '{self.kind}' is not one of "
+                                f"{', '.join(sorted(SCORERS))}")
 
 
 @register

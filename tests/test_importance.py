@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import typing
 
 import pytest
 
+from graphprune.errors import PipelineError
 from graphprune.importance import SCORERS, register_scorer, scorer_for
-from graphprune.passes.score_importance import Kind
+from graphprune.pipeline import make_pass, parse_pipeline
 
 NO_TORCH = """
 import sys
@@ -37,8 +37,14 @@ def test_an_l2_prune_does_not_import_torch() -> None:
     assert done.returncode == 0, done.stderr.strip().splitlines()[-3:]
 
 
-def test_every_importance_kind_has_one_scorer() -> None:
-    assert set(typing.get_args(Kind)) == set(SCORERS)
+def test_importance_kinds_are_the_registered_scorers() -> None:
+    from graphprune.cli import CLI_IMPORTANCE
+
+    assert {"l1", "l2", "random", "saliency", "activation", "wanda-sp", "flap", "taylor", "fisher", "obs"} == set(SCORERS)
+    assert set(CLI_IMPORTANCE) == set(SCORERS) - {"saliency"}
+    for unknown in (lambda: make_pass("importance", kind="snip"), lambda: parse_pipeline("importance{kind=snip}")):
+        with pytest.raises(PipelineError, match="'snip' is not one of activation, fisher"):
+            unknown()
     assert scorer_for("wanda-sp") is scorer_for("activation")
     assert scorer_for("fisher") is scorer_for("taylor")
     with pytest.raises(KeyError, match="no importance criterion 'snip'"):

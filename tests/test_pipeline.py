@@ -33,7 +33,7 @@ def test_parse_pipeline_with_options_and_aliases() -> None:
 @pytest.mark.parametrize("text,message", [
     ("", "the pipeline is empty"),
     ("deps,nosuch", "unknown pass 'nosuch' (known passes:"),
-    ("importance{kind=l3}", "'l3' is not one of l1, l2, random, saliency"),
+    ("importance{kind=l3}", "'l3' is not one of activation, fisher, flap, l1, l2"),
     ("prune{ratio}", "needs the form key=value"),
     ("prune{ratio=0.5", "unbalanced '{'"),
     ("prune{bogus=1}", "pass 'prune-units' has no option 'bogus' (options: ratio, threshold, round_to, round_mode, hidden, allocation, max_group_ratio, head_ratio, neuron_ratio, channel_ratio, target_params, target_flops, target_latency, latency_runs, uniform_heads)"),
