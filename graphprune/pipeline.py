@@ -12,7 +12,7 @@ import re
 import time
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -22,6 +22,7 @@ from graphprune import cost, runtime, weights
 from graphprune.deps import Dependencies
 from graphprune.errors import GraphpruneError, PipelineError, VerificationError
 from graphprune.importance.base import Importance
+from graphprune.inputs import PassInputs
 from graphprune.ir import Model, check_supported, first_line
 from graphprune.plan import group_label
 
@@ -279,17 +280,6 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 
 # -- what passes read and hand on --------------------------------------------------------------
-@dataclass(frozen=True)
-class PassInputs:
-    """What the caller gives the passes: calibration feeds, labels (one per calibration sample),
-    per-weight saliency arrays by initializer name, and the seed of anything random."""
-
-    calibration: Mapping[str, np.ndarray] | None = None
-    labels: np.ndarray | None = None
-    saliency: Mapping[str, np.ndarray] | None = None
-    seed: int = 0
-
-
 @dataclass
 class PipelineState:
     """What the passes of one run hand on to later ones, and the pass manager's references."""

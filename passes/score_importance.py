@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from graphprune.deps import Dependencies
 from graphprune.errors import PipelineError
-from graphprune.importance import SCORERS, Importance, ScoreInputs, scorer_for
+from graphprune.importance import SCORERS, Importance, scorer_for
 from graphprune.importance.magnitude import magnitude
 from graphprune.ir import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
@@ -60,9 +60,7 @@ class ScoreImportancePass(AnalysisPass):
     def run(self, model: Model, am: AnalysisManager) -> Importance:
         deps = am.get(Dependencies, model)
         kind = self.options.kind
-        given = am.inputs
-        inputs = ScoreInputs(calibration=given.calibration, labels=given.labels, saliency=given.saliency,
-                             seed=self.options.seed)
+        inputs = replace(am.inputs, seed=self.options.seed)  # the criterion's own seed
         scores = scorer_for(kind)(model, deps, kind, inputs)
         tensors = model.tensors()
         for group in deps.prunable:  # groups the criterion cannot score (no weight reads them): l2

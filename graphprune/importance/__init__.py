@@ -6,7 +6,7 @@ torch until it runs: `taylor` lowers the graph to torch when it scores.
 """
 
 from graphprune.importance import activation, magnitude, obs, taylor  # noqa: F401 - registers the scorers
-from graphprune.importance.base import SCORERS, Importance, ScoreInputs, Scorer, register_scorer, unit_rows
+from graphprune.importance.base import SCORERS, Importance, Scorer, register_scorer, unit_rows
 
 
 def scorer_for(kind: str) -> Scorer:
@@ -15,4 +15,4 @@ def scorer_for(kind: str) -> Scorer:
     return SCORERS[kind]
 
 
-__all__ = ["SCORERS", "Importance", "ScoreInputs", "Scorer", "register_scorer", "scorer_for", "unit_rows"]
+__all__ = ["SCORERS", "Importance", "Scorer", "register_scorer", "scorer_for", "unit_rows"]

@@ -27,7 +27,8 @@ import onnx_graphsurgeon as gs
 
 from graphprune.calib import positions
 from graphprune.deps import Dependencies, Group, Member
-from graphprune.importance.base import ScoreInputs, calibration_feeds, register_scorer
+from graphprune.importance.base import calibration_feeds, register_scorer
+from graphprune.inputs import PassInputs
 from graphprune.ir import Model
 from graphprune.ops import CALIBRATED_OPS
 from graphprune.stream import collect
@@ -141,7 +142,7 @@ class Activation:
 
     kinds: ClassVar[tuple[str, ...]] = ("activation", "wanda-sp", "flap")
 
-    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: PassInputs) -> dict[int, np.ndarray]:
         feeds = calibration_feeds(model, inputs, kind)
         return activation_scores(model, deps, feeds, statistic="fluctuation" if kind == "flap" else "norm")
 

@@ -1,7 +1,7 @@
 """The scorer contract: a criterion scores the units of every prunable group it can.
 
 A scorer is an object registered under one or more `--importance` kinds; called with the model,
-its dependencies and the `ScoreInputs`, it returns {group id: one score per unit (higher = more
+its dependencies and the caller's `PassInputs`, it returns {group id: one score per unit (higher = more
 important)} for the groups it can score. The `score-importance` pass gives the groups it leaves
 out their L2 magnitude. Calibrated scorers read `inputs.calibration` (seeded random samples when
 none are given: `calibration_feeds`).
@@ -18,6 +18,7 @@ import numpy as np
 
 from graphprune.calib import RANDOM_SAMPLES, random_calibration
 from graphprune.deps import Dependencies, Member
+from graphprune.inputs import PassInputs
 from graphprune.ir import Model
 
 logger = logging.getLogger(__name__)
@@ -35,22 +36,11 @@ class Importance:
         return {"kind": self.kind, "groups_scored": len(self.scores)}
 
 
-@dataclass(frozen=True)
-class ScoreInputs:
-    """What a criterion may read besides the model: calibration feeds, labels (one per sample),
-    per-weight saliency arrays by initializer name, and the seed of anything random."""
-
-    calibration: Mapping[str, np.ndarray] | None = None
-    labels: np.ndarray | None = None
-    saliency: Mapping[str, np.ndarray] | None = None
-    seed: int = 0
-
-
 class Scorer(Protocol):
     #: the `--importance` kinds this scorer answers to
     kinds: ClassVar[tuple[str, ...]]
 
-    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: PassInputs) -> dict[int, np.ndarray]:
         ...
 
 
@@ -72,7 +62,7 @@ def unit_rows(values: np.ndarray, member: Member) -> np.ndarray:
     return np.moveaxis(part, member.axis, 0).reshape(units, -1)
 
 
-def calibration_feeds(model: Model, inputs: ScoreInputs, kind: str) -> Mapping[str, np.ndarray]:
+def calibration_feeds(model: Model, inputs: PassInputs, kind: str) -> Mapping[str, np.ndarray]:
     """The calibration feeds, or seeded random samples (logged) when none were given."""
     if inputs.calibration is not None:
         return inputs.calibration

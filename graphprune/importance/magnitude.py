@@ -11,7 +11,8 @@ import onnx_graphsurgeon as gs
 
 from graphprune.deps import Dependencies, Group
 from graphprune.errors import OptionError
-from graphprune.importance.base import ScoreInputs, register_scorer, unit_rows
+from graphprune.importance.base import register_scorer, unit_rows
+from graphprune.inputs import PassInputs
 from graphprune.ir import Model
 from graphprune.weights import release
 
@@ -36,7 +37,7 @@ class Magnitude:
 
     kinds: ClassVar[tuple[str, ...]] = ("l1", "l2")
 
-    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: PassInputs) -> dict[int, np.ndarray]:
         tensors = model.tensors()
         return {group.id: magnitude(tensors, group, kind) for group in deps.prunable}
 
@@ -46,7 +47,7 @@ class Random:
 
     kinds: ClassVar[tuple[str, ...]] = ("random",)
 
-    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: PassInputs) -> dict[int, np.ndarray]:
         rng = np.random.default_rng(inputs.seed)
         return {group.id: rng.random(group.units) for group in deps.prunable}
 
@@ -56,7 +57,7 @@ class Saliency:
 
     kinds: ClassVar[tuple[str, ...]] = ("saliency",)
 
-    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: PassInputs) -> dict[int, np.ndarray]:
         saliency = inputs.saliency
         if not saliency:
             raise OptionError("importance kind 'saliency' needs per-weight contributions "

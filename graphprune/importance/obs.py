@@ -26,7 +26,8 @@ import scipy.linalg
 from graphprune.calib import token_rows
 from graphprune.deps import Dependencies, Group, Member
 from graphprune.importance.activation import ActivationStatistics, consumer_pairs
-from graphprune.importance.base import ScoreInputs, calibration_feeds, register_scorer
+from graphprune.importance.base import calibration_feeds, register_scorer
+from graphprune.inputs import PassInputs
 from graphprune.ir import Model
 from graphprune.stream import collect
 
@@ -178,7 +179,7 @@ class Obs:
 
     kinds: ClassVar[tuple[str, ...]] = ("obs",)
 
-    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: PassInputs) -> dict[int, np.ndarray]:
         feeds = calibration_feeds(model, inputs, kind)
         obs = ObsStatistics(model, deps)
         activation = ActivationStatistics(model, deps, skip=set(obs.chosen))

@@ -23,7 +23,8 @@ import numpy as np
 
 from graphprune.calib import LABELS, CalibrationError, batches, dynamic_sequence, positions
 from graphprune.deps import Dependencies
-from graphprune.importance.base import ScoreInputs, calibration_feeds, register_scorer, unit_rows
+from graphprune.importance.base import calibration_feeds, register_scorer, unit_rows
+from graphprune.inputs import PassInputs
 from graphprune.ir import Model
 from graphprune.lazy import F, torch
 
@@ -102,7 +103,7 @@ class Taylor:
 
     kinds: ClassVar[tuple[str, ...]] = ("taylor", "fisher")
 
-    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: ScoreInputs) -> dict[int, np.ndarray]:
+    def __call__(self, model: Model, deps: Dependencies, kind: str, inputs: PassInputs) -> dict[int, np.ndarray]:
         feeds = calibration_feeds(model, inputs, kind)
         return taylor_scores(model, deps, dict(feeds), seed=inputs.seed, squared=kind == "fisher", labels=inputs.labels)
 
