@@ -3,7 +3,7 @@
     pip install -c constraints.txt -e '.[bench]'
     python benchmarks/bench_method.py [--runs 30] [--repeats 3] [--out benchmarks/results/bench_method.json]
 
-Two pairs, each timed by `graphprune.bench.bench_models` exactly as `graphprune bench` times them
+Two pairs, each timed by `graphprune.tools.bench.bench_models` exactly as `graphprune bench` times them
 (interleaved rounds, 2 threads): all-MiniLM-L6-v2 (batch 8 x 128 tokens) and torchvision's
 ResNet-18 (random weights, 1x3x224x224). For each pair: the model against a byte-identical copy of
 itself (the ratio must stay within 0.9-1.1 in every round) and the model against its 50%-pruned
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import graphprune
-from graphprune.bench import bench_models
+from graphprune.tools.bench import bench_models
 
 
 def _pairs(folder: Path) -> dict[str, tuple[Path, dict]]:

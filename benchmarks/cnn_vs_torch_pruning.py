@@ -7,7 +7,7 @@
 Every variant is exported the same way (graphprune.from_torch: torch.onnx.export, dynamo, opset 20,
 dynamic batch); both prune with L2 magnitude, `round_to=8` rounding kept counts down (Torch-Pruning's
 convention; graphprune's `--round-mode down`), the same per-group ratio, the classifier output kept. Latency is timed in ONE interleaved round-robin run per batch size
-(graphprune.bench), so machine noise hits every variant alike; speedups are ratios in that run.
+(graphprune.tools.bench), so machine noise hits every variant alike; speedups are ratios in that run.
 Random weights: this measures speed and size, not accuracy.
 """
 
@@ -23,8 +23,8 @@ import torch
 import torchvision
 
 import graphprune
-from graphprune import cost
-from graphprune.bench import bench_models
+from graphprune.analysis import cost
+from graphprune.tools.bench import bench_models
 
 
 def classifier_layers(net: torch.nn.Module) -> list[torch.nn.Module]:

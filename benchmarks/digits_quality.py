@@ -26,8 +26,8 @@ import torch
 
 import graphprune
 from graphprune import runtime
-from graphprune.distill import DistillOptions, distill
 from graphprune.models.digits import DigitsCNN, load_digits, train_digits
+from graphprune.torch.distill import DistillOptions, distill
 
 
 def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:

@@ -79,7 +79,13 @@ def fuzz(cases: int) -> dict[str, str]:
 
     import graphprune
     from graphprune.errors import GraphpruneError
-    from graphprune.fuzz import attention_graphs, conv_graphs, mlp_graphs, model_from_text, prune_options
+    from graphprune.testing.fuzz import (
+        attention_graphs,
+        conv_graphs,
+        mlp_graphs,
+        model_from_text,
+        prune_options,
+    )
 
     families = {"mlp": mlp_graphs, "conv": conv_graphs, "attention": attention_graphs}
     out: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""1,000 fuzz cases: random MLP-style graphs, conv stacks and attention blocks (graphprune.fuzz)
+"""1,000 fuzz cases: random MLP-style graphs, conv stacks and attention blocks (graphprune.testing.fuzz)
 pruned with random options. Counts verified models, clean refusals (with their reasons) and anything else (bugs).
 
     pip install -c constraints.txt -e '.[test]'
@@ -17,7 +17,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphprune.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options, run_case
+from graphprune.testing.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options, run_case
 
 FAMILIES = {"mlp": mlp_graphs, "conv": conv_graphs, "attention": attention_graphs}
 

@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import graphprune
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 
 
 def peak_rss_gb() -> float:

@@ -28,7 +28,7 @@ def one_depth(layers: int, samples: int) -> dict:
 
     import graphprune
     from graphprune.models import smollm2
-    from graphprune.perplexity import causal_feeds, text_windows
+    from graphprune.tools.perplexity import causal_feeds, text_windows
 
     folder = smollm2.cache_dir() / "smollm2"
     path = folder / ("plain.onnx" if layers == 30 else f"plain_{layers}_layers.onnx")

@@ -26,11 +26,11 @@ import numpy as np
 
 import graphprune
 from graphprune import runtime
-from graphprune.generate import decode_rate, greedy
 from graphprune.models import smollm2
 from graphprune.models.minilm import other_sentences
-from graphprune.perplexity import causal_feeds, perplexity, text_windows
 from graphprune.testing import kill_units
+from graphprune.tools.generate import decode_rate, greedy
+from graphprune.tools.perplexity import causal_feeds, perplexity, text_windows
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 

@@ -54,11 +54,11 @@ import numpy as np
 
 import graphprune
 from graphprune import runtime
-from graphprune.distill import DistillOptions, distill
-from graphprune.generate import decode_rate
 from graphprune.models import smollm2
 from graphprune.models.minilm import other_sentences
-from graphprune.perplexity import causal_feeds, perplexity, text_windows
+from graphprune.tools.generate import decode_rate
+from graphprune.tools.perplexity import causal_feeds, perplexity, text_windows
+from graphprune.torch.distill import DistillOptions, distill
 
 LAYERS, HIDDEN, INTERMEDIATE, KV_WIDTH, HEAD = 30, 576, 1536, 192, 64
 FFN = LAYERS * 3 * HIDDEN * INTERMEDIATE

@@ -10,7 +10,7 @@ heads and neurons pruned, same parameters, same speedup.
 [batch * heads, seq, head_dim] tensor; `attn_implementation="eager"` gives the explicit graph. Both
 are exported by dynamo (dynamic batch and sequence), pruned with `--ratio R` (heads and FFN
 neurons, L2 magnitude) and timed with their dense models in ONE interleaved round-robin run
-(graphprune.bench, CPU, `--threads` threads, batch x seq real sentences), `--repeats` rounds.
+(graphprune.tools.bench, CPU, `--threads` threads, batch x seq real sentences), `--repeats` rounds.
 Quality: mean cosine of the pruned model's sentence embeddings to its dense model's, on held-out
 Python documentation sentences (the calibration source: `graphprune.models.minilm.english_sentences`)
 and on sentences from other sources (`other_sentences`: scikit-learn's data-set descriptions and
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 import graphprune
-from graphprune.bench import bench_models
 from graphprune.models.minilm import (
     embed_onnx,
     english_sentences,
@@ -38,6 +37,7 @@ from graphprune.models.minilm import (
     other_sentences,
     tokenize,
 )
+from graphprune.tools.bench import bench_models
 
 ATTENTIONS = ("eager", "default")
 

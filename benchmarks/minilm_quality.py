@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 import graphprune
-from graphprune.distill import DistillOptions, distill
 from graphprune.models.minilm import (
     embed_onnx,
     english_sentences,
@@ -41,6 +40,7 @@ from graphprune.models.minilm import (
     other_sentences,
     tokenize,
 )
+from graphprune.torch.distill import DistillOptions, distill
 
 
 def top5_agreement(pruned: np.ndarray, dense: np.ndarray, k: int = 5) -> float:

@@ -8,7 +8,7 @@ dense latency when timed again, independently, after the search?
 Runs the CLI exactly as a user would (`graphprune prune dense.onnx --target-latency F --importance obs
 --reconstruct --calib calib.npz --report report.json`); the search times candidates on the first 8
 calibration sentences (batch 8, sequence 128). Then dense and pruned are timed again with
-graphprune.bench (ORT CPU, 2 threads, the same batch, interleaved round-robin, `--repeats` rounds
+graphprune.tools.bench (ORT CPU, 2 threads, the same batch, interleaved round-robin, `--repeats` rounds
 of `--runs` runs) and the median latency ratio is compared with the target (+-10% is the bar).
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 import graphprune
-from graphprune.bench import bench_models
-from graphprune.cli import main as cli
 from graphprune.models.minilm import english_sentences, export, load_encoder, tokenize
+from graphprune.tools.bench import bench_models
+from graphprune.tools.cli import main as cli
 
 
 def run(target: float, runs: int, repeats: int, calib_count: int, folder: Path) -> dict:

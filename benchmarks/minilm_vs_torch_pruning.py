@@ -9,7 +9,7 @@ neurons in every layer, scored by L2 magnitude, and keep the hidden size; no fin
 graphprune prunes the exported ONNX graph; Torch-Pruning prunes the torch module (MetaPruner with
 `num_heads`, `prune_num_heads=True`), after which its attention modules' head counts must be edited
 by hand before export. All variants are exported the same way (torch.onnx.export, dynamo, dynamic
-batch and sequence) and timed in ONE interleaved round-robin run (graphprune.bench) on real
+batch and sequence) and timed in ONE interleaved round-robin run (graphprune.tools.bench) on real
 English sentences (batch 8, sequence 128), so the speedups are ratios measured side by side.
 Fidelity: mean cosine between each variant's sentence embeddings and the dense model's.
 """
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 import graphprune
-from graphprune.bench import bench_models
 from graphprune.models.minilm import (
     SentenceEncoder,
     embed_onnx,
@@ -36,6 +35,7 @@ from graphprune.models.minilm import (
     mean_cosine,
     tokenize,
 )
+from graphprune.tools.bench import bench_models
 
 
 def torch_pruning_variant(encoder: SentenceEncoder, example: dict[str, np.ndarray], ratio: float) -> SentenceEncoder:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune import runtime
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 
 
 def conv_stack(channels: int, size: int = 28, layers: int = 3) -> Model:

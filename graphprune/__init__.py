@@ -2,9 +2,9 @@
 
 from graphprune.api import build_pipeline, inspect, prune
 from graphprune.errors import GraphpruneError
-from graphprune.frontend import from_torch, saliency_for, taylor_saliency
-from graphprune.ir import Model, load_model, save_model
+from graphprune.ir.model import Model, load_model, save_model
 from graphprune.pipeline import parse_pipeline
+from graphprune.torch.frontend import from_torch, saliency_for, taylor_saliency
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from graphprune.cli import main
+from graphprune.tools.cli import main
 
 sys.exit(main())

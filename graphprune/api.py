@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.deps import GQA_MODES, Dependencies, analyze
+from graphprune.analysis.deps import GQA_MODES, Dependencies, analyze
 from graphprune.errors import OptionError
-from graphprune.ir import Model, unshare_constants
+from graphprune.ir.model import Model, unshare_constants
 from graphprune.pipeline import (
     AnalysisManager,
     Pass,
@@ -22,7 +22,7 @@ from graphprune.pipeline import (
     make_pass,
     parse_pipeline,
 )
-from graphprune.plan import make_plan, validate_budget
+from graphprune.transform.plan import make_plan, validate_budget
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import onnx
 
 from graphprune import runtime
 from graphprune.errors import GraphpruneError
-from graphprune.ir import first_line
+from graphprune.ir.model import first_line
 
 #: samples drawn for `--calib random`
 RANDOM_SAMPLES = 32

@@ -18,13 +18,15 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from graphprune import cost, runtime, weights
-from graphprune.deps import Dependencies
+from graphprune import runtime
+from graphprune.analysis import cost
+from graphprune.analysis.deps import Dependencies
 from graphprune.errors import GraphpruneError, PipelineError, VerificationError
 from graphprune.importance.base import Importance
 from graphprune.inputs import PassInputs
-from graphprune.ir import Model, check_supported, first_line
-from graphprune.plan import group_label
+from graphprune.ir import weights
+from graphprune.ir.model import Model, check_supported, first_line
+from graphprune.transform.plan import group_label
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from graphprune.errors import VerificationError
-from graphprune.ir import (
+from graphprune.ir.model import (
     EXTERNAL_DATA_THRESHOLD,
     ORT_DEFAULT_DOMAIN_OPS,
     check_model,

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune import runtime
 from graphprune.calib import batches, sequence_is_dynamic
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ class SentenceEncoder(nn.Module):
 def export(encoder: SentenceEncoder, feeds: dict[str, np.ndarray], exporter: str = "dynamo", dynamic: bool = True):
     """The encoder as a graphprune Model (dynamic batch and sequence, or static: the shape of two of
     `feeds`), traced on two of `feeds`."""
-    from graphprune.frontend import from_torch
+    from graphprune.torch.frontend import from_torch
 
     example = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name][:2])) for name in encoder.input_names)
     return from_torch(encoder, example, input_names=encoder.input_names,
@@ -127,7 +127,7 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def embed_onnx(path, feeds: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
     """Sentence embeddings of an exported encoder (ONNX file) under ONNX Runtime, in chunks."""
     from graphprune import runtime
-    from graphprune.ir import load_model
+    from graphprune.ir.model import load_model
 
     session = runtime.session(load_model(path).to_onnx(), threads=2)
     parts = []

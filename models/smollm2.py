@@ -120,8 +120,8 @@ def export_plain(path: Path, attention: str = "default", exporter: str = "dynamo
     `layers`: only the first so many decoder layers."""
     import torch
 
-    from graphprune.frontend import from_torch
-    from graphprune.ir import save_model
+    from graphprune.ir.model import save_model
+    from graphprune.torch.frontend import from_torch
 
     example = (torch.randint(0, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.int64))
     model = from_torch(_logits_module(load(attention, layers)), example, input_names=["input_ids", "attention_mask"],

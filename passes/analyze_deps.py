@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from graphprune.deps import Dependencies, analyze
-from graphprune.ir import Model
+from graphprune.analysis.deps import Dependencies, analyze
+from graphprune.ir.model import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 
 
@@ -22,7 +22,7 @@ class AnalyzeDepsPass(AnalysisPass):
     Reads: the graph with inferred shapes. Changes/Preserves: nothing (analysis). Result: `Dependencies` (groups with
     members, kind, unit count, frozen reasons). Options: gqa = kv (grouped-query attention loses
     whole KV heads, each with its query heads) | query (every KV head stays; each KV head loses the
-    same query heads, so a 9-query / 3-KV-head model can go to 6 query heads). See graphprune.deps
+    same query heads, so a 9-query / 3-KV-head model can go to 6 query heads). See graphprune.analysis.deps
     and the op rules in graphprune.ops.
     """
 

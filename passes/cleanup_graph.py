@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import onnx_graphsurgeon as gs
 
-from graphprune.ir import Model, dedupe_constants
+from graphprune.ir.model import Model, dedupe_constants
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from graphprune.calib import token_rows
 from graphprune.errors import OptionError
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.passes.reconstruct import (
     consumers_of_removed,
     features,

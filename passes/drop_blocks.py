@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from graphprune import runtime
 from graphprune.calib import positions, token_rows
 from graphprune.errors import OptionError
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.ops import WEIGHTED_OPS
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 from graphprune.stream import collect

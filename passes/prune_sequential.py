@@ -9,17 +9,17 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.deps import OPT_IN_KINDS, Dependencies, Group
 from graphprune.calib import RANDOM_SAMPLES, random_calibration, token_rows
-from graphprune.deps import OPT_IN_KINDS, Dependencies, Group
 from graphprune.errors import OptionError
 from graphprune.importance.activation import ActivationStatistics
 from graphprune.importance.obs import DAMP, greedy_removal, obs_pair, refit_rows
-from graphprune.ir import Model
+from graphprune.ir.model import Model
+from graphprune.ir.weights import replacement
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
-from graphprune.plan import Plan, kept_count, kind_ratios, validate_budget, warn_untouched
-from graphprune.rewrite import apply_plan
 from graphprune.stream import Walk
-from graphprune.weights import replacement
+from graphprune.transform.plan import Plan, kept_count, kind_ratios, validate_budget, warn_untouched
+from graphprune.transform.rewrite import apply_plan
 
 logger = logging.getLogger(__name__)
 

@@ -6,15 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from graphprune import cost, runtime
-from graphprune.bench import relative_latency
-from graphprune.deps import Dependencies
+from graphprune import runtime
+from graphprune.analysis import cost
+from graphprune.analysis.deps import Dependencies
 from graphprune.errors import OptionError
 from graphprune.importance import Importance
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
-from graphprune.plan import kind_ratios, make_plan, validate_budget
-from graphprune.rewrite import apply_plan, kept_indices
+from graphprune.tools.bench import relative_latency
+from graphprune.transform.plan import kind_ratios, make_plan, validate_budget
+from graphprune.transform.rewrite import apply_plan, kept_indices
 
 #: dry runs when searching the ratio for a parameter or FLOP target (0.99 / 2^10 < 0.001)
 BISECTION_STEPS = 10

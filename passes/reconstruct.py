@@ -20,11 +20,11 @@ import onnx_graphsurgeon as gs
 
 from graphprune.calib import RANDOM_SAMPLES, positions, random_calibration, token_rows
 from graphprune.errors import OptionError
-from graphprune.ir import Model
+from graphprune.ir.model import Model
+from graphprune.ir.weights import replacement
 from graphprune.ops import CALIBRATED_OPS
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register, take_state
 from graphprune.stream import Walk
-from graphprune.weights import replacement
 
 logger = logging.getLogger(__name__)
 

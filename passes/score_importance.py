@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from graphprune.deps import Dependencies
+from graphprune.analysis.deps import Dependencies
 from graphprune.errors import PipelineError
 from graphprune.importance import SCORERS, Importance, scorer_for
 from graphprune.importance.magnitude import magnitude
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 
 logger = logging.getLogger(__name__)

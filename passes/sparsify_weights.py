@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphprune.errors import OptionError
-from graphprune.ir import Model
+from graphprune.ir.model import Model
+from graphprune.ir.weights import replacement
 from graphprune.ops import unscored_inputs
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
-from graphprune.weights import replacement
 
 
 @dataclass(frozen=True)

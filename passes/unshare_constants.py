@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from graphprune.ir import Model, unshare_constants
+from graphprune.ir.model import Model, unshare_constants
 from graphprune.pipeline import AnalysisManager, PassResult, RewritePass, register
 
 

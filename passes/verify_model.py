@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from graphprune import runtime
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.pipeline import AnalysisManager, AnalysisPass, register
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import graphprune
-from graphprune.deps import analyze
+from graphprune.analysis.deps import analyze
 from graphprune.errors import OptionError
 from graphprune.importance import Importance
-from graphprune.plan import make_plan
 from graphprune.testing import model_from_text
+from graphprune.transform.plan import make_plan
 
 TWO_LAYERS = """
 # weights: w1 w2 w3
@@ -62,7 +62,7 @@ def test_kind_ratios_and_bad_options() -> None:
 
 
 def test_cli_global_allocation_with_kind_ratios(tmp_path) -> None:
-    from graphprune.cli import main
+    from graphprune.tools.cli import main
 
     model = model_from_text(TWO_LAYERS)
     path = graphprune.save_model(model, tmp_path / "m.onnx")
@@ -75,7 +75,7 @@ def test_cli_global_allocation_with_kind_ratios(tmp_path) -> None:
 
 @pytest.mark.parametrize("measure", ["params", "flops"])
 def test_target_budgets_find_the_ratio(tmp_path, measure: str) -> None:
-    from graphprune.cli import main
+    from graphprune.tools.cli import main
 
     path = graphprune.save_model(model_from_text(TWO_LAYERS), tmp_path / "m.onnx")
     out, report = tmp_path / "p.onnx", tmp_path / "r.json"
@@ -96,8 +96,8 @@ def test_target_latency_bisects_on_measured_latency(tmp_path, monkeypatch) -> No
     a known latency model (here: proportional to the parameters) the closest candidate wins."""
     import json
 
-    from graphprune.cli import main
     from graphprune.passes import prune_units
+    from graphprune.tools.cli import main
 
     path = graphprune.save_model(model_from_text(TWO_LAYERS), tmp_path / "m.onnx")
     dense_params = graphprune.load_model(path).param_count()
@@ -126,7 +126,7 @@ def test_target_latency_measures_for_real(tmp_path) -> None:
     machine is shared; benchmarks/minilm_quality.py checks the MiniLM figure)."""
     import json
 
-    from graphprune.cli import main
+    from graphprune.tools.cli import main
 
     path = graphprune.save_model(model_from_text(TWO_LAYERS), tmp_path / "m.onnx")
     report = tmp_path / "r.json"

@@ -13,10 +13,10 @@ import pytest
 
 import graphprune
 from graphprune import api, runtime
-from graphprune.cli import main
 from graphprune.models.attention import ATTENTION_BUILDERS, HEADED_BUILDERS
 from graphprune.passes.drop_blocks import contributions, find_blocks
 from graphprune.testing import check_dead_unit_removal, check_lowering
+from graphprune.tools.cli import main
 
 NAMES = sorted(ATTENTION_BUILDERS)
 #: (exporter, dynamic axes?) — dynamo with static shapes, dynamo and TorchScript with dynamic ones
@@ -217,7 +217,7 @@ def test_lowered_module_matches_onnx_runtime(attention_paths, name: str, attenti
 def test_lowered_minilm_matches_onnx_runtime_and_trains_back(minilm_paths, exporter: str) -> None:
     import torch
 
-    from graphprune.lowering import lower, parameter_names, write_back
+    from graphprune.torch.lowering import lower, parameter_names, write_back
 
     model = graphprune.load_model(minilm_paths[exporter])
     check_lowering(model)

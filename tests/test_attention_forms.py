@@ -12,11 +12,11 @@ import pytest
 
 import graphprune
 from graphprune import api, runtime
-from graphprune.cli import main
-from graphprune.deps import analyze
-from graphprune.ir import unshare_constants
+from graphprune.analysis.deps import analyze
+from graphprune.ir.model import unshare_constants
 from graphprune.models.attention import MODULE_BUILDERS
 from graphprune.testing import check_dead_unit_removal
+from graphprune.tools.cli import main
 
 #: (exporter, dynamic axes?). TorchScript traces `batch * num_heads` of nn.MultiheadAttention into a
 #: constant (its export only runs at the traced batch), so it is exported with static shapes;

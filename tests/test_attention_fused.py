@@ -16,11 +16,11 @@ import pytest
 
 import graphprune
 from graphprune import api, runtime
-from graphprune.cli import main
-from graphprune.generate import greedy
 from graphprune.models.attention import bert
 from graphprune.models.genai import LLAMA
 from graphprune.testing import check_dead_unit_removal, check_lowering, kill_units
+from graphprune.tools.cli import main
+from graphprune.tools.generate import greedy
 
 #: the op the optimizer fuses each BERT attention into -> FusionOptions.use_multi_head_attention
 FUSED_OPS = {"Attention": False, "MultiHeadAttention": True}

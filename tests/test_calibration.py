@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import graphprune
+from graphprune.analysis.deps import analyze
 from graphprune.calib import CalibrationError, load_calibration, random_calibration
-from graphprune.cli import main
-from graphprune.deps import analyze
 from graphprune.importance.activation import activation_scores
 from graphprune.testing import model_from_text
+from graphprune.tools.cli import main
 
 MLP = """
 # weights: w1 b1 w2

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import graphprune
-from graphprune.cli import main
 from graphprune.models.attention import ATTENTION_BUILDERS
 from graphprune.models.digits import DigitsCNN
 from graphprune.testing import check_png
+from graphprune.tools.cli import main
 
 
 @pytest.mark.parametrize("name", ["bert", "cnn"])

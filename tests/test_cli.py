@@ -10,7 +10,7 @@ import pytest
 
 import graphprune
 from graphprune import runtime
-from graphprune.cli import main
+from graphprune.tools.cli import main
 
 
 def test_prune_prints_summary_and_writes_verified_model(trained_simple_net, tmp_path, capsys) -> None:
@@ -118,7 +118,7 @@ def test_bench_shapes_and_providers(trained_simple_net, tmp_path, capsys, caplog
 
 
 def test_minilm_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
-    from graphprune import demo
+    from graphprune.tools import demo
 
     original = demo.run_minilm_demo
     monkeypatch.setattr(demo, "run_minilm_demo",
@@ -142,7 +142,7 @@ def test_minilm_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
 
 
 def test_digits_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
-    from graphprune import demo
+    from graphprune.tools import demo
 
     original = demo.run_digits_demo
     monkeypatch.setattr(demo, "run_digits_demo", lambda out, console: original(out, console, epochs=4, bench_runs=3))
@@ -197,7 +197,7 @@ def test_export_errors_are_one_line_for_both_exporters(tmp_path, monkeypatch, ca
 def test_verbose_logs_steps_and_quiet_turns_progress_off(trained_simple_net, tmp_path, caplog) -> None:
     import logging
 
-    from graphprune import progress
+    from graphprune.tools import progress
 
     out = str(tmp_path / "p.onnx")
     try:

@@ -11,9 +11,9 @@ import pytest
 
 import graphprune
 from graphprune import runtime
-from graphprune.cli import main
 from graphprune.models.cnn import CNN_BUILDERS, build
 from graphprune.testing import check_dead_unit_removal, check_lowering
+from graphprune.tools.cli import main
 
 NAMES = sorted(CNN_BUILDERS)
 

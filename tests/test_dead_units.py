@@ -8,7 +8,7 @@ import numpy as np
 
 import graphprune
 from graphprune import runtime
-from graphprune.cli import main
+from graphprune.tools.cli import main
 
 
 def test_threshold_zero_removes_exactly_the_dead_units(dead_mlp_path, dead_units, tmp_path) -> None:

@@ -13,9 +13,9 @@ import pytest
 import graphprune
 from graphprune import runtime
 from graphprune.calib import random_calibration
-from graphprune.cli import main
-from graphprune.distill import DistillError, DistillOptions, distill, hidden_states
 from graphprune.models.attention import ATTENTION_BUILDERS
+from graphprune.tools.cli import main
+from graphprune.torch.distill import DistillError, DistillOptions, distill, hidden_states
 
 
 def _digest(path: Path) -> str:
@@ -73,7 +73,7 @@ def test_hidden_states_match_the_residual_stream_of_a_pruned_transformer() -> No
 def test_a_memory_mapped_llama_distills_with_finite_losses(tmp_path) -> None:
     """RMSNorm squares with Pow(x, 2): the exponent is a constant, not a trained weight (its gradient
     x^2 log x is NaN for negative x). Trained weights of a mapped student stay mapped."""
-    from graphprune import weights
+    from graphprune.ir import weights
     from graphprune.models.llama_writer import write_llama
 
     path = tmp_path / "llama.onnx"

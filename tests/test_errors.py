@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import graphprune
-from graphprune.cli import main
+from graphprune.tools.cli import main
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -180,7 +180,7 @@ def test_console_script_exit_code_and_message(model_dir, tmp_path) -> None:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "graphprune.cli", "prune", str(model_dir / "nope.onnx"),
+    result = subprocess.run([sys.executable, "-m", "graphprune.tools.cli", "prune", str(model_dir / "nope.onnx"),
                              "-o", str(tmp_path / "o.onnx"), "--ratio", "0.5"], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "no such file" in result.stderr

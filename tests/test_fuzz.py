@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 
-from graphprune.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options, run_case
+from graphprune.testing.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options, run_case
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import graphprune
-from graphprune.deps import render
+from graphprune.analysis.deps import render
 from graphprune.testing import check_dead_unit_removal, model_from_text
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -78,9 +78,9 @@ def test_golden_dead_units_are_removed_exactly(case: Path) -> None:
 def test_golden_lowering_matches_onnx_runtime(case: Path) -> None:
     """Every golden graph lowers to an fx module that computes what ONNX Runtime computes; a graph
     with an op the lowering lacks (control flow, unknown ops) is refused with its name."""
-    from graphprune.lowering import LoweringError
     from graphprune.ops import spec_of
     from graphprune.testing import check_lowering
+    from graphprune.torch.lowering import LoweringError
 
     model = model_from_text(case.read_text())
     missing = sorted({n.op for n in model.graph.nodes if spec_of(n) is None or spec_of(n).lowering is None})

@@ -38,7 +38,7 @@ def test_an_l2_prune_does_not_import_torch() -> None:
 
 
 def test_importance_kinds_are_the_registered_scorers() -> None:
-    from graphprune.cli import CLI_IMPORTANCE
+    from graphprune.tools.cli import CLI_IMPORTANCE
 
     assert {"l1", "l2", "random", "saliency", "activation", "wanda-sp", "flap", "taylor", "fisher", "obs"} == set(SCORERS)
     assert set(CLI_IMPORTANCE) == set(SCORERS) - {"saliency"}

@@ -10,8 +10,10 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 import graphprune
-from graphprune import cost, ir, runtime
+from graphprune import runtime
+from graphprune.analysis import cost
 from graphprune.errors import InvalidGraphError
+from graphprune.ir import model as ir
 from graphprune.testing import model_from_text
 
 SHARED = """

@@ -8,8 +8,8 @@ import json
 import onnx_graphsurgeon as gs
 
 import graphprune
-from graphprune.cli import main
 from graphprune.models.attention import llama_lm
+from graphprune.tools.cli import main
 
 
 def test_a_tied_lm_head_stays_tied_and_the_pruned_model_is_smaller(tmp_path) -> None:
@@ -77,7 +77,7 @@ def test_perplexity_of_cache_and_plain_exports_equals_the_torch_models(genai_lla
     import numpy as np
     import torch
 
-    from graphprune.perplexity import perplexity, text_windows
+    from graphprune.tools.perplexity import perplexity, text_windows
 
     hf = genai_llama.parent.parent / "hf"
     text = " ".join(f"w{i}" for i in np.random.default_rng(0).integers(3, 100, 700))
@@ -177,7 +177,7 @@ two (float[N, 4] x, float[4, 6] w1, float[6, 3] w2) => (float[N, 3] y)
 def test_top_k_kl_is_the_kl_over_the_teachers_top_classes() -> None:
     import torch
 
-    from graphprune.distill import _kl
+    from graphprune.torch.distill import _kl
 
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(6, 50, generator=generator), torch.randn(6, 50, generator=generator) * 3
@@ -201,8 +201,8 @@ def test_text_distillation_with_top_k_kl_brings_a_pruned_cache_model_closer_to_i
 
     import graphprune
     from graphprune import runtime
-    from graphprune.distill import DistillOptions, distill, verify_student
-    from graphprune.perplexity import causal_feeds
+    from graphprune.tools.perplexity import causal_feeds
+    from graphprune.torch.distill import DistillOptions, distill, verify_student
 
     teacher = graphprune.load_model(genai_llama)
     # random weights predict nearly uniform tokens; a sharper LM head gives the KL something to fit
@@ -252,7 +252,7 @@ def test_decode_rate_times_the_cached_steps_of_greedy_generation(genai_llama) ->
     import numpy as np
 
     import graphprune
-    from graphprune.generate import decode_rate, greedy
+    from graphprune.tools.generate import decode_rate, greedy
 
     model = graphprune.load_model(genai_llama)
     prompt = np.array([[5, 6, 7, 8]])

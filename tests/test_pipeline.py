@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import graphprune
-from graphprune.deps import Dependencies
+from graphprune.analysis.deps import Dependencies
 from graphprune.errors import PipelineError, VerificationError
 from graphprune.importance import Importance
 from graphprune.pipeline import (

@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune
 from graphprune import runtime
-from graphprune.ir import Model
-from graphprune.plan import kept_count
+from graphprune.ir.model import Model
+from graphprune.transform.plan import kept_count
 
 OPSET = 20
 IR_VERSION = 10

@@ -1,4 +1,4 @@
-"""Property tests over random graphs beyond chains (graphprune.fuzz.mlp_graphs): Split/Concat, Slice,
+"""Property tests over random graphs beyond chains (graphprune.testing.fuzz.mlp_graphs): Split/Concat, Slice,
 residual Adds, branches, per-channel scales. Every random graph must (1) prune at any ratio into a
 verified model and (2) lose exactly its dead units, with identical outputs, under `threshold=0`."""
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphprune
-from graphprune.fuzz import mlp_graphs
 from graphprune.testing import check_dead_unit_removal, model_from_text
+from graphprune.testing.fuzz import mlp_graphs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import graphprune
-from graphprune.deps import Dependencies
+from graphprune.analysis.deps import Dependencies
 from graphprune.pipeline import AnalysisManager, parse_pipeline
 
 
@@ -58,7 +58,7 @@ def test_ratio_keeps_the_highest_scores(trained_simple_net) -> None:
 
 
 def test_default_rounding_keeps_multiples_of_8_in_large_groups_only() -> None:
-    from graphprune.plan import kept_count
+    from graphprune.transform.plan import kept_count
 
     assert kept_count(64, 0.3, None) == 48  # 45 kept -> 48
     assert kept_count(20, 0.3, None) == 14  # small group: no rounding

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import torch
 
 import graphprune
-from graphprune import frontend
-from graphprune.demo import onnx_mse
+from graphprune.tools.demo import onnx_mse
+from graphprune.torch import frontend
 
 
 def test_unstructured_zeroes_small_weights_and_reports_sparsity(trained_simple_net, capsys) -> None:

@@ -8,8 +8,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
+from graphprune.analysis.shapes import DimOf, Lit, Opaque, Scaled, shape_value
 from graphprune.ops.reshape import common_factors, match_axes
-from graphprune.shapes import DimOf, Lit, Opaque, Scaled, shape_value
 
 
 @pytest.mark.parametrize(("a", "b", "runs"), [

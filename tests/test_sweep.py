@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import graphprune
-from graphprune.cli import main
 from graphprune.testing import check_png
+from graphprune.tools.cli import main
 
 
 def test_sweep_minilm_four_ratios(minilm_paths, tmp_path, capsys) -> None:

@@ -11,8 +11,8 @@ import torch
 import torchvision
 
 import graphprune
-from graphprune.cli import main
 from graphprune.testing import check_lowering
+from graphprune.tools.cli import main
 
 MODELS = ("resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0", "regnet_y_400mf")
 

@@ -1,4 +1,4 @@
-"""Memory-mapped weights (graphprune.weights): a model with external data is read in place, pruned
+"""Memory-mapped weights (graphprune.ir.weights): a model with external data is read in place, pruned
 with its rewritten weights spilled to scratch files, and saved by file-to-file copies, with the same
 result as the same model held in memory."""
 
@@ -18,12 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphprune
-from graphprune import ir, runtime, weights
+from graphprune import runtime
 from graphprune.errors import GraphpruneError
-from graphprune.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options
-from graphprune.ir import EXTERNAL_ALIGNMENT
+from graphprune.ir import model as ir
+from graphprune.ir import weights
+from graphprune.ir.model import EXTERNAL_ALIGNMENT
 from graphprune.models.llama_writer import write_llama
 from graphprune.testing import model_from_text
+from graphprune.testing.fuzz import attention_graphs, conv_graphs, mlp_graphs, prune_options
 
 FEEDS = {"input_ids": np.arange(12, dtype=np.int64).reshape(2, 6) % 7}
 

@@ -25,11 +25,11 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.deps import Dependencies, Group, Member
 from graphprune.calib import positions
-from graphprune.deps import Dependencies, Group, Member
 from graphprune.importance.base import calibration_feeds, register_scorer
 from graphprune.inputs import PassInputs
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.ops import CALIBRATED_OPS
 from graphprune.stream import collect
 

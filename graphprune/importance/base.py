@@ -16,10 +16,10 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
+from graphprune.analysis.deps import Dependencies, Member
 from graphprune.calib import RANDOM_SAMPLES, random_calibration
-from graphprune.deps import Dependencies, Member
 from graphprune.inputs import PassInputs
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.deps import Dependencies, Group
+from graphprune.analysis.deps import Dependencies, Group
 from graphprune.errors import OptionError
 from graphprune.importance.base import register_scorer, unit_rows
 from graphprune.inputs import PassInputs
-from graphprune.ir import Model
-from graphprune.weights import release
+from graphprune.ir.model import Model
+from graphprune.ir.weights import release
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from typing import ClassVar
 import numpy as np
 import scipy.linalg
 
+from graphprune.analysis.deps import Dependencies, Group, Member
 from graphprune.calib import token_rows
-from graphprune.deps import Dependencies, Group, Member
 from graphprune.importance.activation import ActivationStatistics, consumer_pairs
 from graphprune.importance.base import calibration_feeds, register_scorer
 from graphprune.inputs import PassInputs
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.stream import collect
 
 logger = logging.getLogger(__name__)

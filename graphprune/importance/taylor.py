@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from graphprune.analysis.deps import Dependencies
 from graphprune.calib import LABELS, CalibrationError, batches, dynamic_sequence, positions
-from graphprune.deps import Dependencies
 from graphprune.importance.base import calibration_feeds, register_scorer, unit_rows
 from graphprune.inputs import PassInputs
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.lazy import F, torch
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def taylor_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray]
     unit goes: the mean over batches of |c_u| (`squared`: of c_u^2, the Fisher form), where
     c_u = sum of dL/dw * w over the unit's weights. With `labels` (one per sample), L is the task
     loss on the first output; without, L = r . outputs for random directions r (`draws` per batch)."""
-    from graphprune.lowering import lower, parameter_names
+    from graphprune.torch.lowering import lower, parameter_names
 
     module = lower(model)
     params = {name: getattr(module, attr) for attr, name in parameter_names(module).items()}

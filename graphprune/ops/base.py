@@ -8,7 +8,7 @@ with up to four functions, each following one contract defined here:
 - a rewrite **fixup** `(node, RewriteContext) -> None` updates the op's size-carrying constants and
   attributes after the plan's units were sliced out (fixed constants are always *new* tensors);
 - a **lowering** `(inputs..., **attributes) -> torch value` follows the ONNX definition with torch
-  ops (`graphprune.lowering` builds the fx module from them); `torch` and `F` here are imported on
+  ops (`graphprune.torch.lowering` builds the fx module from them); `torch` and `F` here are imported on
   first use, so op modules load without torch;
 - a **cost**: multiply-accumulates `(node) -> int`, or `FREE` (moves data) or `ELEMENTWISE` (one
   FLOP per output element).
@@ -26,7 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphprune.errors import GraphpruneError
-from graphprune.ir import Model, shape_of
+from graphprune.ir.model import Model, shape_of
 from graphprune.lazy import F, torch  # noqa: F401 - the op modules' torch
 
 if TYPE_CHECKING:

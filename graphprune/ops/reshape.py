@@ -8,7 +8,7 @@ product is made of its parts, outermost first. A run that both merges and splits
 with a virtual slot for a factor no single axis holds. Which part's units the product follows is
 decided over the whole graph (`deps.resolve_factors`); the other parts are frozen there. Literal
 sizes of Reshape/Expand targets, constant or computed by Shape -> Concat chains
-(`graphprune.shapes`), are recomputed by the rewrite (`fix_target`).
+(`graphprune.analysis.shapes`), are recomputed by the rewrite (`fix_target`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphprune.analysis.shapes import DimOf, Entry, Lit, Opaque, Product, Scaled, shape_value, sources
 from graphprune.ops.base import (
     ELEMENTWISE,
     FREE,
@@ -37,7 +38,6 @@ from graphprune.ops.base import (
     torch_dtype,
 )
 from graphprune.ops.registry import register
-from graphprune.shapes import DimOf, Entry, Lit, Opaque, Product, Scaled, shape_value, sources
 
 
 def transpose(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:

@@ -26,11 +26,11 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.ir import Model, shape_of
+from graphprune.analysis.shapes import Monomial, Product, product
+from graphprune.analysis.state import state_tensors
+from graphprune.ir.model import Model, shape_of
 from graphprune.ops import spec_of
 from graphprune.ops.base import Blocked, Couplings, RuleContext, Slot, freeze_node, mark_unscored
-from graphprune.shapes import Monomial, Product, product
-from graphprune.state import state_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import fx, nn
 
-from graphprune.ir import Model
+from graphprune.ir.model import Model
+from graphprune.ir.weights import replacement
 from graphprune.ops import spec_of
 from graphprune.ops.base import LoweringError
 from graphprune.ops.registry import OpSpec
-from graphprune.weights import replacement
 
 __all__ = ["LoweringError", "lower", "parameter_names", "write_back"]
 

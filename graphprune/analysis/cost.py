@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 from graphprune.ops import spec_of
 from graphprune.ops.base import ELEMENTWISE, FREE, numel
 

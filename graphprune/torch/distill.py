@@ -1,6 +1,6 @@
 """Knowledge distillation: train a pruned (student) ONNX model to match its dense (teacher) model.
 
-The student is lowered to torch (`graphprune.lowering`), so any model graphprune can prune can be
+The student is lowered to torch (`graphprune.torch.lowering`), so any model graphprune can prune can be
 trained, whatever it was exported from. The teacher runs in ONNX Runtime. Per batch of `data`:
 
 - every float output of the student is pulled towards the teacher's: `mse` (mean squared error
@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from graphprune import runtime
+from graphprune.analysis.state import fit_empty_inputs, state_tensors
 from graphprune.calib import ATTENTION_MASK, batches, dynamic_sequence, positions
 from graphprune.errors import GraphpruneError, OptionError, VerificationError
-from graphprune.ir import Model
-from graphprune.lowering import lower, write_back
-from graphprune.state import fit_empty_inputs, state_tensors
+from graphprune.ir.model import Model
+from graphprune.torch.lowering import lower, write_back
 
 logger = logging.getLogger(__name__)
 

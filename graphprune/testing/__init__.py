@@ -8,8 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from graphprune.deps import Dependencies, Group
-from graphprune.ir import Model
+from graphprune.analysis.deps import Dependencies, Group
+from graphprune.ir.model import Model
 
 _WEIGHTS = re.compile(r"^\s*#\s*weights:(.*)$", re.MULTILINE)
 
@@ -45,7 +45,7 @@ def kill_units(model: Model, choose_dead: Callable[[Group], set[int]], gqa: str 
                ) -> tuple[Dependencies, dict[int, set[int]]]:
     """Zero the units `choose_dead(group)` picks in every exact prunable group, in all weights that
     score them (shapes must be inferred); returns the analysis and the dead units per group."""
-    from graphprune.deps import analyze
+    from graphprune.analysis.deps import analyze
 
     deps = analyze(model, gqa)
     dead = {g.id: choose_dead(g) for g in deps.prunable if g.exact}
@@ -70,7 +70,7 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
     stay equal), so the parameter count is exact.
     """
     from graphprune import api, runtime
-    from graphprune.ir import unshare_constants
+    from graphprune.ir.model import unshare_constants
     from graphprune.pipeline import LOSSLESS_TOLERANCE
 
     unshare_constants(model)
@@ -110,7 +110,7 @@ def check_lowering(model: Model, dynamic_dim: int = 3, seed: int = 1, tolerance:
     import torch
 
     from graphprune import runtime
-    from graphprune.lowering import lower
+    from graphprune.torch.lowering import lower
 
     proto = model.to_onnx()
     feeds = feeds or runtime.sample_inputs(proto, dynamic_dim=dynamic_dim, seed=seed)

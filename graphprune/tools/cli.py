@@ -14,12 +14,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from graphprune import api, progress
-from graphprune.deps import OPT_IN_KINDS
+from graphprune import api
+from graphprune.analysis.deps import OPT_IN_KINDS
 from graphprune.errors import GraphpruneError, OptionError, OutputError
 from graphprune.importance import SCORERS
-from graphprune.ir import first_line, load_model, model_files, save_model
+from graphprune.ir.model import first_line, load_model, model_files, save_model
 from graphprune.pipeline import Report
+from graphprune.tools import progress
 
 #: --importance choices: every registered criterion but saliency (per-weight arrays from Python)
 CLI_IMPORTANCE = tuple(kind for kind in SCORERS if kind != "saliency")
@@ -354,7 +355,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              "windows": len(held_out), "window": int(held_out.shape[1])}
     save_model(model, args.output, external=True if args.external_data else None)
     if args.config is not None:
-        from graphprune.configs import write_config
+        from graphprune.tools.configs import write_config
 
         try:
             written = write_config(args.config, args.output.parent, report, args.gqa)
@@ -371,7 +372,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             args.output.with_name(args.output.name + ".data").unlink(missing_ok=True)
             raise OutputError(f"cannot write report {args.report}: {first_line(exc)}") from exc
     if args.report_dir:
-        from graphprune.charts import write_report_dir
+        from graphprune.tools.charts import write_report_dir
 
         written = write_report_dir(report, args.report_dir, name=args.input.name)
         console.print(f"report charts: {', '.join(str(p) for p in written)}")
@@ -381,7 +382,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _loaded(args: argparse.Namespace):
     """The input model, converted to a supported opset when --upgrade-opset asks for it."""
-    from graphprune.ir import MIN_OPSET, upgrade_opset
+    from graphprune.ir.model import MIN_OPSET, upgrade_opset
 
     model = load_model(args.input)
     if args.upgrade_opset and (model.graph.opset or MIN_OPSET) < MIN_OPSET:
@@ -407,9 +408,9 @@ def _labels(spec: str | None, model):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from graphprune.bench import parse_shapes
     from graphprune.calib import random_calibration
-    from graphprune.sweep import sweep
+    from graphprune.tools.bench import parse_shapes
+    from graphprune.tools.sweep import sweep
 
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
@@ -491,7 +492,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _node_costs(model) -> list[dict]:
-    from graphprune.cost import node_cost
+    from graphprune.analysis.cost import node_cost
 
     model.infer_shapes()
     rows = []
@@ -511,7 +512,7 @@ def _axes(text: str | None) -> list[int] | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from graphprune.frontend import export_factory
+    from graphprune.torch.frontend import export_factory
 
     names = args.input_names.split(",") if args.input_names else None
     with progress.status(console, f"exporting {args.factory}"):
@@ -525,7 +526,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from graphprune.bench import bench_models, bench_table, parse_shapes, write_csv
+    from graphprune.tools.bench import bench_models, bench_table, parse_shapes, write_csv
 
     for name in ("batch", "seq", "threads", "runs", "repeats"):
         if getattr(args, name) < 1:
@@ -551,7 +552,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from graphprune.demo import run_demo
+    from graphprune.tools.demo import run_demo
 
     run_demo(args.out, console, args.model)
     return 0
@@ -567,7 +568,7 @@ def cmd_calib(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if args.causal:
         from graphprune import runtime
-        from graphprune.perplexity import causal_feeds
+        from graphprune.tools.perplexity import causal_feeds
 
         windows = _windows(args.text, args.tokenizer, args.seq, args.samples)
         feeds = causal_feeds(model, windows, runtime.implied_dims(model.to_onnx()))
@@ -583,7 +584,7 @@ def cmd_calib(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from graphprune.distill import DistillOptions, distill, plot_losses, verify_student
+    from graphprune.torch.distill import DistillOptions, distill, plot_losses, verify_student
 
     options = DistillOptions(epochs=args.epochs, lr=args.lr, batch=args.batch, loss=args.loss,
                              temperature=args.temperature, top_k=args.top_k, hidden=args.hidden, seed=args.seed)
@@ -624,7 +625,7 @@ def _windows(text: Path | None, tokenizer: str | None, window: int, limit: int |
     import numpy as np
 
     from graphprune.calib import CalibrationError, load_tokenizer
-    from graphprune.perplexity import text_windows
+    from graphprune.tools.perplexity import text_windows
 
     if data is not None:
         try:
@@ -646,7 +647,7 @@ def _perplexity_result(model, windows, label: str, threads: int = 2):
     """`perplexity.perplexity` with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from graphprune.perplexity import perplexity
+    from graphprune.tools.perplexity import perplexity
 
     columns = (TextColumn(f"perplexity ({label})"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress.enabled(console)) as bar:
@@ -671,7 +672,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from graphprune.generate import greedy
+    from graphprune.tools.generate import greedy
 
     if args.tokens < 1:
         raise OptionError(f"--tokens must be at least 1, got {args.tokens}")

@@ -21,10 +21,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from graphprune import api, progress, runtime
-from graphprune.bench import bench_models
+from graphprune import api, runtime
 from graphprune.errors import OptionError
-from graphprune.ir import Model, load_model, save_model
+from graphprune.ir.model import Model, load_model, save_model
+from graphprune.tools import progress
+from graphprune.tools.bench import bench_models
 
 RATIOS = (0.25, 0.5)
 BASELINE = "magnitude (L2) -50%"
@@ -118,8 +119,8 @@ def run_minilm_demo(out: Path, console: Console, bench_runs: int = 30, sentences
 def run_digits_demo(out: Path, console: Console, epochs: int = 30, bench_runs: int = 200) -> dict:
     import torch
 
-    from graphprune.frontend import from_torch, saliency_for, taylor_saliency
     from graphprune.models.digits import DigitsCNN, load_digits, train_digits
+    from graphprune.torch.frontend import from_torch, saliency_for, taylor_saliency
 
     out.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test = load_digits()

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphprune.errors import GraphpruneError
-from graphprune.ir import Model
+from graphprune.ir.model import Model
 
 #: (domain, op) -> (past input index, present output index) pairs of attention ops that keep a cache
 CACHE_IO: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphprune import runtime
+from graphprune.analysis.state import empty_caches
 from graphprune.errors import GraphpruneError
-from graphprune.ir import Model
-from graphprune.state import empty_caches
+from graphprune.ir.model import Model
 
 
 class PerplexityError(GraphpruneError):

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from graphprune.errors import GraphpruneError
-from graphprune.ir import Model, check_graph, first_line
+from graphprune.ir.model import Model, check_graph, first_line
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,12 @@ import numpy as np
 import onnx
 from rich.table import Table
 
-from graphprune import cost, runtime
+from graphprune import runtime
+from graphprune.analysis import cost
+from graphprune.analysis.state import cache_pairs, fit_empty_inputs
 from graphprune.errors import OptionError
-from graphprune.ir import Model, load_model
-from graphprune.perplexity import causal_feeds
-from graphprune.state import cache_pairs, fit_empty_inputs
+from graphprune.ir.model import Model, load_model
+from graphprune.tools.perplexity import causal_feeds
 
 logger = logging.getLogger(__name__)
 

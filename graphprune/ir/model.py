@@ -23,8 +23,8 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from graphprune import weights
 from graphprune.errors import InvalidGraphError, ModelLoadError, OutputError
+from graphprune.ir import weights
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Model:
 
     def to_onnx(self) -> onnx.ModelProto:
         """The model as ONNX. Memory-mapped weights of the main graph become references (see
-        graphprune.weights), so even a model bigger than memory exports without copying them; such
+        graphprune.ir.weights), so even a model bigger than memory exports without copying them; such
         a proto is for this process: `save_model` and `runtime.session` write their bytes out,
         while onnx's own checker and loaders do not know them."""
         self.graph.toposort()
@@ -195,7 +195,7 @@ class Model:
     def _resolve_computed_shapes(self) -> bool:
         """Reshape/Expand outputs whose target is computed at run time (Shape -> Concat chains):
         ONNX leaves them unknown; `shapes.resolve_*` solves them from the chain."""
-        from graphprune.shapes import is_unknown, resolve_expand, resolve_reshape, shape_value
+        from graphprune.analysis.shapes import is_unknown, resolve_expand, resolve_reshape, shape_value
 
         tensors = self.graph.tensors()
         changed = False

@@ -15,12 +15,12 @@ from fractions import Fraction
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphprune.deps import Dependencies, segment_elements
-from graphprune.ir import Model
+from graphprune.analysis.deps import Dependencies, segment_elements
+from graphprune.ir.model import Model
+from graphprune.ir.weights import replacement
 from graphprune.ops import spec_of
 from graphprune.ops.base import RewriteContext, Slot
-from graphprune.plan import Plan
-from graphprune.weights import replacement
+from graphprune.transform.plan import Plan
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 For every ratio the dense model is pruned with the same options (verified as `prune` verifies),
 saved, and compared with the dense model on the calibration inputs (fidelity); then all models are
-timed side by side with `graphprune.bench` (interleaved rounds, so the speedups are measured in one
+timed side by side with `graphprune.tools.bench` (interleaved rounds, so the speedups are measured in one
 run). The result is a table, `sweep.json`, `sweep.csv` and `sweep.png`: latency against fidelity,
 the trade-off curve a user picks a point on.
 
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from graphprune import api, runtime
-from graphprune.bench import bench_models
+from graphprune.analysis.state import state_tensors
 from graphprune.calib import batches, positions
 from graphprune.errors import OptionError
-from graphprune.ir import load_model, save_model
+from graphprune.ir.model import load_model, save_model
 from graphprune.pipeline import take_state
-from graphprune.state import state_tensors
+from graphprune.tools.bench import bench_models
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def sweep(dense_path: Path, ratios: list[float], out: Path, feeds: dict[str, np.
         scores.append(fidelity(reference, _outputs(path, ours), feeds, skip))
     perplexities: list[float | None] = [None] * len(paths)
     if eval_windows is not None:
-        from graphprune.perplexity import perplexity
+        from graphprune.tools.perplexity import perplexity
 
         say(f"perplexity of {len(paths)} models on {len(eval_windows)} windows")
         perplexities = [round(perplexity(load_model(path), eval_windows).perplexity, 4) for path in paths]

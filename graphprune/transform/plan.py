@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphprune.deps import OPT_IN_KINDS, Dependencies, Group
+from graphprune.analysis.deps import OPT_IN_KINDS, Dependencies, Group
 from graphprune.errors import OptionError
 from graphprune.importance.base import Importance
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from graphprune import runtime
+from graphprune.analysis.state import cache_pairs, empty_caches
 from graphprune.errors import GraphpruneError
-from graphprune.ir import Model
-from graphprune.state import cache_pairs, empty_caches
+from graphprune.ir.model import Model
 
 
 class GenerationError(GraphpruneError):

@@ -1,0 +1,1 @@
+"""What the graph is: dependencies, state (KV caches), shapes, costs."""

@@ -1,0 +1,1 @@
+"""The model: ONNX in and out, shapes, external data."""

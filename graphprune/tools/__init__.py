@@ -1,0 +1,1 @@
+"""What users run: the CLI, bench, sweep, demo, charts, perplexity, generation."""

@@ -1,0 +1,1 @@
+"""The torch side: lowering, the frontend, distillation."""

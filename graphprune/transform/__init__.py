@@ -1,0 +1,1 @@
+"""Plans and the rewrite that applies them."""
