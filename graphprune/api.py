@@ -19,6 +19,7 @@ from graphprune.pipeline import (
     Progress,
     Report,
     format_pipeline,
+    make_analysis,
     make_pass,
     parse_pipeline,
 )
@@ -62,7 +63,7 @@ def build_passes(ratio: float | None = None, threshold: float | None = None, imp
             (key, value), = targets.items()
             if not 0 < value < 1:
                 raise OptionError(f"--{key.replace('_', '-')} is the fraction kept, in (0, 1); got {value}")
-            budget = {key: value}
+            budget: dict[str, float | None] = {key: value}
         else:
             validate_budget(ratio, threshold, round_to)
             budget = {"ratio": ratio} if ratio is not None else {"threshold": threshold}
@@ -150,9 +151,9 @@ def preview(model: Model, ratio: float | None = None, threshold: float | None = 
     """Dry run of `prune`: the groups and how many units each would keep; `model` is not changed."""
     work = _analysis_copy(model)
     am = AnalysisManager()
-    deps = am.run(parse_pipeline(f"deps{{gqa={gqa}}}")[0], work)
+    deps = am.run(make_analysis("analyze-deps", gqa=gqa), work)
     if ratio is None and threshold is None:
         return deps, {g.id: g.units for g in deps.weight_groups}
-    scores = am.run(parse_pipeline(f"importance{{kind={importance},seed={seed}}}")[0], work)
+    scores = am.run(make_analysis("score-importance", kind=importance, seed=seed), work)
     plan = make_plan(deps, scores, ratio, threshold, round_to, hidden=prune_hidden)
     return deps, {g.id: len(plan.kept[g.id]) if g.id in plan.kept else g.units for g in deps.weight_groups}

@@ -155,7 +155,9 @@ _ITEM = re.compile(r"\s*([A-Za-z][\w-]*)\s*(?:\{([^{}]*)\})?\s*")
 
 
 def _split_top(text: str) -> list[str]:
-    items, depth, current = [], 0, []
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "{":
             depth += 1
@@ -251,6 +253,14 @@ def _choices(annotation: Any) -> tuple | None:
             return tuple(v for a in literals for v in typing.get_args(a)) + (
                 (None,) if type(None) in typing.get_args(annotation) else ())
     return None
+
+
+def make_analysis(name: str, **options: Any) -> AnalysisPass:
+    """`make_pass` for an analysis pass."""
+    analysis = make_pass(name, **options)
+    if not isinstance(analysis, AnalysisPass):
+        raise PipelineError(f"'{name}' is not an analysis pass")
+    return analysis
 
 
 def format_pipeline(passes: list[Pass]) -> str:
@@ -515,6 +525,8 @@ class Verifier(Instrument):
             self._share(am)
 
     def changed(self, run: PassRun, model: Model, am: AnalysisManager) -> None:
+        if not isinstance(run.pass_, RewritePass):
+            return
         if run.pass_.same_computation:
             self.unchecked.append(run.pass_.name)
             return
@@ -595,6 +607,8 @@ class PassManager:
             if isinstance(p, AnalysisPass):
                 result = self.am.run(p, model)
                 return PassResult(False, getattr(result, "stats", {}) or {})
+            if not isinstance(p, RewritePass):
+                raise PipelineError(f"'{p.name}' is neither an analysis nor a rewrite pass")
             return p.run(model, self.am)
         except GraphpruneError as exc:
             raise type(exc)(f"pass '{p.name}' failed: {exc}{_after(done)}") from exc

@@ -57,6 +57,8 @@ def register_scorer(scorer: Scorer) -> Scorer:
 
 def unit_rows(values: np.ndarray, member: Member) -> np.ndarray:
     """A member's per-element array (weights, gradients...) as [units, elements-per-unit]."""
+    if member.stop is None:
+        raise ValueError(f"'{member.tensor}' axis {member.axis}: a weight member needs a static size")
     units = (member.stop - member.start) // (member.unit_len * (member.repeats or 1))
     part = np.take(np.asarray(values), member.unit_elements(np.arange(units), units), axis=member.axis)
     return np.moveaxis(part, member.axis, 0).reshape(units, -1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import onnx
@@ -312,8 +312,11 @@ class RewriteContext:
 
 
 def old_dim(tensor: gs.Tensor, axis: int) -> int:
+    """The size an axis had before the rewrite (a fixup only meets tensors of inferred shape)."""
     shape = shape_of(tensor)
-    return shape[axis]
+    if shape is None:
+        raise ValueError(f"'{tensor.name}' has no inferred shape before the rewrite")
+    return cast(int, shape[axis])  # the axes a plan cuts are static
 
 
 def is_touched(tensor: gs.Tensor, ctx: RewriteContext) -> bool:
