@@ -16,7 +16,7 @@ A share is of the 106.2M non-embedding parameters (the tied 28.3M embedding is n
 anyone here); each row states the share it reached. Methods:
 - `l2`, `wanda-sp` (`--importance activation`), `flap` (fluctuation + bias compensation) and
   `obs + reconstruct` (one sequential pass): FFN neurons only, the same share of every layer's
-  (`--ratio 0 --ffn-ratio F`, F = the share over the FFN's 75% of the parameters);
+  (`--ratio 0 --neuron-ratio F`, F = the share over the FFN's 75% of the parameters);
 - `obs + reconstruct, KV heads`: one KV head of 3 (and its query heads) in every layer plus FFN
   neurons for the rest of the share (shares of 10% have no room for a head);
 - `block removal`: `--drop-blocks N` (Block Influence on the calibration windows), N residual
@@ -76,13 +76,13 @@ def options_for(method: str, share: float) -> dict | None:
     removed = share * NON_EMBEDDING
     if method in ("l2", "wanda-sp", "flap"):
         importance = {"wanda-sp": "activation"}.get(method, method)
-        return {"ratio": 0.0, "ffn_ratio": round(removed / FFN, 4), "importance": importance}
+        return {"ratio": 0.0, "neuron_ratio": round(removed / FFN, 4), "importance": importance}
     if method == "obs + reconstruct":
-        return {"ratio": 0.0, "ffn_ratio": round(removed / FFN, 4), "importance": "obs", "reconstruct": True}
+        return {"ratio": 0.0, "neuron_ratio": round(removed / FFN, 4), "importance": "obs", "reconstruct": True}
     if method == "obs + reconstruct, KV heads":
         if removed <= KV_GROUP:
             return None
-        return {"ratio": 0.0, "head_ratio": 0.34, "ffn_ratio": round((removed - KV_GROUP) / FFN, 4),
+        return {"ratio": 0.0, "head_ratio": 0.34, "neuron_ratio": round((removed - KV_GROUP) / FFN, 4),
                 "importance": "obs", "reconstruct": True}
     raise ValueError(method)
 

@@ -32,7 +32,7 @@ def build_passes(ratio: float | None = None, threshold: float | None = None, imp
                  round_to: int | None = None, round_mode: str = "up", sparsity: float | None = None,
                  weight_threshold: float | None = None, seed: int = 0, prune_hidden: bool = False,
                  drop_blocks: int | None = None, reconstruct: bool = False, allocation: str = "uniform",
-                 head_ratio: float | None = None, ffn_ratio: float | None = None,
+                 head_ratio: float | None = None, neuron_ratio: float | None = None,
                  channel_ratio: float | None = None, target_params: float | None = None,
                  target_flops: float | None = None, target_latency: float | None = None,
                  gqa: str = "kv", uniform_heads: bool = False) -> list[Pass]:
@@ -68,7 +68,7 @@ def build_passes(ratio: float | None = None, threshold: float | None = None, imp
             validate_budget(ratio, threshold, round_to)
             budget = {"ratio": ratio} if ratio is not None else {"threshold": threshold}
         shares = {"round_to": round_to, "round_mode": round_mode, "hidden": prune_hidden, "head_ratio": head_ratio,
-                  "neuron_ratio": ffn_ratio, "channel_ratio": channel_ratio}
+                  "neuron_ratio": neuron_ratio, "channel_ratio": channel_ratio}
         passes += [make_pass("unshare-constants"), make_pass("analyze-deps", gqa=gqa)]
         if reconstruct and importance == "obs" and ratio is not None and allocation == "uniform" \
                 and not uniform_heads:

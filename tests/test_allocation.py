@@ -163,7 +163,7 @@ def test_a_ratio_too_small_for_a_group_leaves_it_whole_and_says_how_to_cut_it(op
         report = graphprune.prune(model, ratio=0.1, calibration=feeds, **options)
     assert report.params_after == report.params_before
     message = " ".join(r.getMessage() for r in caplog.records if "keep all of them" in r.getMessage())
-    assert "2 neuron groups of 6 units" in message and "--ffn-ratio" in message and "--round-mode down" in message
+    assert "2 neuron groups of 6 units" in message and "--neuron-ratio" in message and "--round-mode down" in message
     caplog.clear()
     with caplog.at_level("WARNING"):
         report = graphprune.prune(model_from_text(TWO_LAYERS), ratio=0.2, calibration=feeds, **options)

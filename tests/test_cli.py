@@ -249,3 +249,8 @@ def test_a_missing_extra_is_named(trained_simple_net, tmp_path) -> None:
     assert taylor.returncode == 1
     assert taylor.stderr.strip() == ("graphprune: error: this needs torch, which is not installed: "
                                      "pip install 'graphprune[torch]'")
+    demo = subprocess.run([sys.executable, "-c", run, "-q", "demo", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True)
+    assert demo.returncode == 1
+    assert demo.stderr.strip() == ("graphprune: error: this needs torch, which is not installed: "
+                                   "pip install 'graphprune[demo]'")

@@ -18,6 +18,7 @@ EXAMPLES = re.findall(r"```py\n(.*?)```", SECTION, re.DOTALL)
 def test_there_is_an_example_for_an_op_a_criterion_and_a_pass() -> None:
     assert [example.splitlines()[0] for example in EXAMPLES] == [
         "# graphprune/ops/elementwise.py", "# graphprune/importance/magnitude.py", "# passes/round_weights.py"]
+    assert all(len(example.splitlines()) <= 30 for example in EXAMPLES)  # short enough to read at once
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=["op", "criterion", "pass"])

