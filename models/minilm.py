@@ -7,13 +7,13 @@ L2-normalized, as sentence-transformers computes them for this model.
 
 from __future__ import annotations
 
-import re
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from graphprune.tools.text import english_sentences, other_sentences  # noqa: F401 (re-exported)
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -70,46 +70,6 @@ def tokenize(sentences: list[str], seq: int = 128) -> dict[str, np.ndarray]:
     """int64 `input_ids` and `attention_mask` of shape [len(sentences), seq] (padded, truncated)."""
     encoded = tokenizer()(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
     return {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES}
-
-
-def _sentences(texts: list[str]) -> tuple[str, ...]:
-    """Sentences of 8 to 40 words, in order, no duplicates, none that is mostly markup."""
-    found: dict[str, None] = {}
-    for text in texts:
-        text = re.sub(r"\s+", " ", text)
-        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
-            words = sentence.split()
-            if 8 <= len(words) <= 40 and sentence.endswith(".") and not re.search(r"[*=>{}|]{2}|\*\*|::", sentence):
-                found.setdefault(sentence, None)
-    return tuple(found)
-
-
-@cache
-def english_sentences() -> tuple[str, ...]:
-    """Sentences of 8 to 40 words from Python's own documentation, in a fixed order, no duplicates."""
-    from pydoc_data.topics import topics
-
-    return _sentences([topics[key] for key in sorted(topics)])
-
-
-#: the licence texts Debian-based systems keep (legal English, far from programming documentation)
-LICENSES = Path("/usr/share/common-licenses")
-
-
-@cache
-def other_sentences() -> tuple[str, ...]:
-    """English from other sources than `english_sentences`, for evaluation: the descriptions of
-    scikit-learn's bundled data sets (where they came from, what they measure) and, where the
-    system has them, the software licences in /usr/share/common-licenses (GPL, Apache, MPL...)."""
-    from importlib import resources
-
-    folder = resources.files("sklearn.datasets") / "descr"
-    texts = [entry.read_text(encoding="utf-8") for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-             if entry.name.endswith(".rst")]
-    if LICENSES.is_dir():
-        texts += [path.read_text(encoding="utf-8", errors="replace") for path in sorted(LICENSES.iterdir())
-                  if path.is_file()]
-    return _sentences(texts)
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

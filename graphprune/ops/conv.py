@@ -180,6 +180,11 @@ def _conv_macs(node: gs.Node) -> int:
     return numel(node.outputs[0]) * int(np.prod(w[1:], dtype=np.int64))
 
 
+def _qlinear_conv_macs(node: gs.Node) -> int:
+    w = static_dims(node.inputs[3])  # x, x_scale, x_zero_point, w, ...
+    return 0 if w is None else numel(node.outputs[0]) * int(np.prod(w[1:], dtype=np.int64))
+
+
 def _conv_transpose_macs(node: gs.Node) -> int:
     w = static_dims(node.inputs[1])
     if w is None:
@@ -360,6 +365,9 @@ def lower_resize(x, roi=None, scales=None, sizes=None, mode="nearest", coordinat
 
 
 register("Conv", rule=conv, fixup=fix_conv, lowering=lower_conv, cost=_conv_macs, tags={"weighted", "calibrated"})
+# INT8 forms from ONNX Runtime's quantizer: counted, never pruned through (no rule: they freeze)
+register("ConvInteger", cost=_conv_macs)
+register("QLinearConv", cost=_qlinear_conv_macs)
 register("ConvTranspose", rule=conv_transpose, lowering=lower_conv_transpose, cost=_conv_transpose_macs,
          tags={"weighted"})
 for _op, _lowering in {"MaxPool": lower_max_pool, "AveragePool": lower_avg_pool, "LpPool": lower_lp_pool,

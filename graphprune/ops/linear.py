@@ -77,3 +77,6 @@ def lower_matmul(a, b):
 
 register("Gemm", rule=gemm, lowering=lower_gemm, cost=_gemm_macs, tags={"weighted", "calibrated"})
 register("MatMul", rule=matmul, lowering=lower_matmul, cost=_matmul_macs, tags={"weighted", "calibrated"})
+# INT8 forms from ONNX Runtime's quantizer: counted, never pruned through (no rule: they freeze)
+register("MatMulInteger", cost=_matmul_macs)
+register("QLinearMatMul", cost=_matmul_macs)

@@ -242,6 +242,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "trained on scikit-learn digits, Taylor scores")
 
 
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="a deployment build from a TOML config: export, prune, recover, fuse, "
+                                     "quantize, verify, bench, report",
+                       description="Run the stages CONFIG declares (see README, Deployment builds); a stage whose "
+                                   "inputs and options are unchanged is reused from <output>/.stages/.")
+    p.add_argument("config", type=Path, help="the build config (TOML)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (stages, keys, cached or not) and stop")
+    p.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                   help="run STAGE even when cached (repeatable; e.g. --rerun bench for fresh timings)")
+    p.add_argument("--output", type=Path, help="output folder (overrides [build] output)")
+    p.add_argument("--provider", choices=("cpu", "cuda"), help="ONNX Runtime provider for every stage that runs a "
+                                                              "model (overrides [build] provider)")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity of a causal language model on text, in ONNX Runtime",
                        description="The text is tokenized as one stream and cut into non-overlapping windows of "
@@ -280,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphprune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_prune, _add_sweep, _add_inspect, _add_export, _add_bench, _add_calib, _add_distill,
-                _add_eval, _add_generate, _add_demo):
+                _add_eval, _add_generate, _add_demo, _add_build):
         add(sub)
     return parser
 
@@ -565,6 +579,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from graphprune.build import describe, load_config, plan, run_build
+    from graphprune.build.config import MODEL_STAGES
+
+    overrides: dict[str, dict] = {"build": {}}
+    if args.output is not None:
+        overrides["build"]["output"] = str(args.output.resolve())
+    if args.provider is not None:
+        overrides["build"]["provider"] = args.provider
+    config = load_config(args.config, overrides)
+    unknown = set(args.rerun) - {*MODEL_STAGES, "verify", "bench"}
+    if unknown:
+        raise OptionError(f"--rerun: no stage {', '.join(sorted(unknown))} (stages: {', '.join(MODEL_STAGES)}, "
+                          "verify, bench)")
+    if args.dry_run:
+        _, steps = plan(config)
+        table = Table(title=f"graphprune build {args.config} (dry run): output {config.output}")
+        for column in ("stage", "model", "reads", "key", "status"):
+            table.add_column(column)
+        for row in describe(config, steps):
+            table.add_row(row["stage"], row["row"], row["reads"], row["key"], row["status"])
+        console.print(table)
+        return 0
+    result = run_build(config, console=err_console, rerun=frozenset(args.rerun))
+    table = Table(title=f"graphprune build: {result.output}")
+    for column in ("model", "parameters", "file MB", "latency ms", "speedup", "quality"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in result.report["table"]:
+        table.add_row(row["row"], f"{row['params']:,}" if row["params"] is not None else "-",
+                      f"{row['file_bytes'] / 1e6:.2f}" if row["file_bytes"] else "-",
+                      f"{row['latency_ms']:.2f}" if row["latency_ms"] else "-",
+                      f"{row['speedup']:.2f}x" if row["speedup"] else "-",
+                      f"{row['metric']} {row['quality']:.4f}" if row["quality"] is not None else "-")
+    console.print(table)
+    for name, ratio in result.report["comparisons"].items():
+        console.print(f"{name}: {ratio:.2f}x faster (same interleaved run)", highlight=False)
+    console.print(f"ran: {', '.join(result.ran) or 'nothing'}; reused: {', '.join(result.reused) or 'nothing'}; "
+                  f"report: {result.output / 'report.html'}", highlight=False)
+    return 0
+
+
 def cmd_calib(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -709,7 +764,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "generate": cmd_generate, "sweep": cmd_sweep, "inspect": cmd_inspect, "export": cmd_export, "bench": cmd_bench,
-            "calib": cmd_calib, "distill": cmd_distill, "demo": cmd_demo}
+            "calib": cmd_calib, "distill": cmd_distill, "demo": cmd_demo, "build": cmd_build}
 
 
 def print_report(report: Report, output: Path) -> None:
