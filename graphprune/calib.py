@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -121,7 +122,17 @@ def text_calibration(text_file: Path, tokenizer_path: str, input_names: list[str
 ATTENTION_MASK = "attention_mask"
 
 
-def positions(feeds: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray | None:
+class Shaped(Protocol):
+    """What `positions` reads of an activation: a numpy array or a torch tensor."""
+
+    @property
+    def ndim(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+def positions(feeds: dict[str, np.ndarray], value: Shaped) -> np.ndarray | None:
     """Which [sample, position] rows of an activation are real tokens: the `attention_mask` input as
     booleans when the activation starts with its [batch, sequence] shape, else None (all rows count).
 
@@ -168,7 +179,8 @@ def trim_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             for name, array in feeds.items()}
 
 
-def batches(feeds: dict[str, np.ndarray], size: int, trim: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def batches(feeds: Mapping[str, np.ndarray], size: int,
+            trim: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Consecutive chunks of `size` samples; `trim`: without all-padding trailing positions (only for a
     model with a dynamic sequence axis, see `dynamic_sequence`)."""
     count = len(next(iter(feeds.values())))

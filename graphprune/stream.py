@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -70,6 +70,7 @@ class _Store:
         if old is None:
             return
         if isinstance(old, np.memmap):
+            assert old.filename is not None  # a memmap is opened from a path (`put`'s np.load)
             Path(old.filename).unlink(missing_ok=True)
         else:
             self.in_memory -= old.nbytes
@@ -91,7 +92,8 @@ class Walk:
     must not be added or removed meanwhile.
     """
 
-    def __init__(self, model: Model, wanted: Collection[str], feeds: dict[str, np.ndarray], batch: int) -> None:
+    def __init__(self, model: Model, wanted: Collection[str], feeds: Mapping[str, np.ndarray],
+                 batch: int) -> None:
         self.model = model
         self.wanted = set(wanted)
         graph = model.graph
@@ -138,7 +140,9 @@ class Walk:
         stop = len(self.nodes) if final else \
             self._place(until) if until is not None else self._place(through, after=True)
         if stop < self.position:
-            raise ValueError(f"node {(until or through).name} was already run")
+            node = until or through
+            assert node is not None  # the final stretch (neither given) never lies behind
+            raise ValueError(f"node {node.name} was already run")
         stretch = self.nodes[self.position:stop]
         self.position = stop
         pending, self.pending = self.pending, []
@@ -190,12 +194,13 @@ class Walk:
 class Collector(Protocol):
     """What `collect` feeds: the tensors it wants, and a method taking them batch by batch."""
 
-    tensors: Collection[str]
+    @property
+    def tensors(self) -> Collection[str]: ...
 
     def add(self, batch: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None: ...
 
 
-def collect(model: Model, feeds: dict[str, np.ndarray], collectors: list[Collector], batch: int) -> None:
+def collect(model: Model, feeds: Mapping[str, np.ndarray], collectors: list[Collector], batch: int) -> None:
     """One pass over the calibration data for several collectors, running only the nodes their
     tensors need (no LM head, no cache outputs)."""
     wanted = set().union(*(c.tensors for c in collectors))

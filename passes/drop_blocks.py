@@ -10,6 +10,7 @@ wiring the skip straight through. Cleanup then deletes the branch's now-dead nod
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,7 +144,7 @@ def _rows(batch: dict[str, np.ndarray], value: np.ndarray) -> np.ndarray:
 
 
 def contributions(model: Model, blocks: list[ResidualBlock], seed: int = 0, metric: str = "influence",
-                  feeds: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                  feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """Each block's contribution on `feeds` (default: seeded sample inputs): Block Influence
     (`influence`, ShortGPT: 1 - mean cosine of the residual stream before and after the block) or
     RMS(branch) / RMS(skip) (`rms`)."""

@@ -92,8 +92,8 @@ class PruneSequentialPass(RewritePass):
             logger.info("no calibration data: prune-sequential uses %d seeded random samples", RANDOM_SAMPLES)
             feeds = random_calibration(model.to_onnx())
         candidates = [g for g in deps.prunable if g.kind not in OPT_IN_KINDS or self.options.hidden]
-        groups = [g for g in candidates
-                  if kept_count(g.units, self._ratio(g), self.options.round_to, self.options.round_mode) < g.units]
+        groups = [g for g in candidates if kept_count(g.unit_count, self._ratio(g), self.options.round_to,
+                                                      self.options.round_mode) < g.unit_count]
         warn_untouched([(g, self._ratio(g)) for g in candidates if g not in groups and self._ratio(g) > 0],
                        self.options.round_to, self.options.round_mode)
         refits = _refit_groups(model, groups)
@@ -117,12 +117,14 @@ class PruneSequentialPass(RewritePass):
         finally:
             peak = walk.store.peak
             walk.close()
-        for gid, values in others.scores().items():
+        for gid, group_scores in others.scores().items():
             group = deps.group(gid)
-            keep = kept_count(group.units, self._ratio(group), self.options.round_to, self.options.round_mode)
-            scores[gid] = values
-            kept[gid] = np.sort(np.lexsort((np.arange(len(values)), -values))[:keep])
-        plan = Plan({gid: indices for gid, indices in kept.items() if len(indices) < deps.group(gid).units})
+            units = group.unit_count
+            keep = kept_count(units, self._ratio(group), self.options.round_to, self.options.round_mode)
+            scores[gid] = group_scores
+            kept[gid] = np.sort(np.lexsort((np.arange(len(group_scores)), -group_scores))[:keep])
+        plan = Plan({gid: indices for gid, indices in kept.items()
+                     if len(indices) < deps.group(gid).unit_count})
         if not plan.kept:
             return PassResult(False, {"groups_pruned": 0, "units_removed": 0})
         stats = apply_plan(model, deps, plan)
@@ -135,7 +137,8 @@ class PruneSequentialPass(RewritePass):
     def _prune_one(self, refit: _Refit, walk: Walk) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
         """Scores, kept units and (error without, with the refit) of one group, its consumer refit."""
         group = refit.group
-        size = (refit.stop - refit.start) // group.units
+        units = group.unit_count
+        size = (refit.stop - refit.start) // units
         gram = np.zeros((refit.stop - refit.start,) * 2)
         for index, batch in enumerate(walk.batches):
             x = token_rows(batch, np.asarray(walk.live(index)[refit.activation], np.float32))
@@ -143,9 +146,9 @@ class PruneSequentialPass(RewritePass):
             gram += x.T @ x  # float32 products of one batch, summed in float64
         values = np.asarray(refit.weight.values)
         rows = np.moveaxis(values, refit.axis, 0)[refit.start:refit.stop].astype(np.float64)
-        keep = kept_count(group.units, self._ratio(group), self.options.round_to, self.options.round_mode)
-        scores = greedy_removal(gram, rows, group.units, self.options.damp, remove=group.units - keep)
-        kept = np.sort(np.lexsort((np.arange(group.units), -scores))[:keep])
+        keep = kept_count(units, self._ratio(group), self.options.round_to, self.options.round_mode)
+        scores = greedy_removal(gram, rows, units, self.options.damp, remove=units - keep)
+        kept = np.sort(np.lexsort((np.arange(units), -scores))[:keep])
         kept_rows = (kept[:, None] * size + np.arange(size)).reshape(-1)
         new_rows = np.zeros_like(rows)
         new_rows[kept_rows] = refit_rows(gram, rows, kept_rows, self.options.damp)
@@ -177,7 +180,8 @@ def _refit_groups(model: Model, groups: list[Group]) -> list[_Refit]:
         if len(readers) != 1:
             continue
         const = tensors[weight.tensor]
-        found.append(_Refit(group, readers[0], act.tensor, act.start, act.stop, const, weight.axis))
+        stop = act.start + act.length  # static: a weight reads the segment
+        found.append(_Refit(group, readers[0], act.tensor, act.start, stop, const, weight.axis))
     model.graph.toposort()
     order = {id(node): i for i, node in enumerate(model.graph.nodes)}
     return sorted(found, key=lambda r: order[id(r.node)])

@@ -13,6 +13,7 @@ Add, the target also makes up for the drift of the skip path (dense skip - prune
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +124,7 @@ def _residual_input(model: Model, output: str) -> str | None:
     return None
 
 
-def unpruned_and_calibration(am: AnalysisManager, pass_name: str) -> tuple[Model, dict[str, np.ndarray]]:
+def unpruned_and_calibration(am: AnalysisManager, pass_name: str) -> tuple[Model, Mapping[str, np.ndarray]]:
     """The model as `prune-units` found it and the calibration inputs (else seeded random inputs),
     for a pass that corrects the pruned model against the dense one."""
     dense = am.state.unpruned
@@ -218,8 +219,8 @@ class ReconstructPass(RewritePass):
         # both models stream through the calibration data side by side, one consumer at a time: the
         # pruned one runs each stretch after the consumers in it were refit
         dense_walk = Walk(dense, [c.y for c in consumers] + list(skips.values()), feeds, self.options.batch)
-        pruned_walk = Walk(model, [c.x for c in consumers] + list(skips.values()), take_state(feeds, state),
-                           self.options.batch)
+        pruned_walk = Walk(model, [c.x for c in consumers] + list(skips.values()),
+                           take_state(dict(feeds), state), self.options.batch)
         dense_nodes = _nodes_by_weight(dense)
         pruned_nodes = _nodes_by_weight(model)
         errors = []
@@ -256,6 +257,7 @@ class ReconstructPass(RewritePass):
             x = consumer.input_rows(batch, np.asarray(live[consumer.x], np.float32), index)
             y = features(output_rows(batch, np.asarray(dense_ys[index], np.float64), index), consumer.columns)
             if skip:  # the dense sum is y + skip: the pruned output also makes up for the skip's drift
+                assert dense_skips is not None  # `run` reads them wherever there is a skip
                 dense_skip = features(output_rows(batch, np.asarray(dense_skips[index], np.float64), index),
                                        consumer.residual_columns)
                 y = y + dense_skip - output_rows(batch, np.asarray(live[skip], np.float64), index)

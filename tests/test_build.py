@@ -207,3 +207,64 @@ def test_the_report_opens_in_headless_chromium(resnet_build, tmp_path: Path) -> 
     assert len(charts) == len(resnet_build.report["charts"]) >= 2
     for row in ("pruned int8", "dense int8", "agreement"):
         assert row in text
+
+
+def test_recover_distills_the_pruned_model_toward_the_dense_one(resnet_build) -> None:
+    """[recover] distill: a stage of its own between prune and quantize (prune is reused), trained on
+    the calibration data; the distillation loss falls."""
+    result = build(EXAMPLES / "resnet50.toml", small_resnet(resnet_build.output, recover={
+        "distill": {"epochs": 2, "batch": 4, "lr": 1e-3}}))
+    assert result.ran[:1] == ["recover"] and "prune" in result.reused and "export" in result.reused
+    stats = result.step("recover").stats
+    assert stats["loss_after"] < stats["loss_before"] and stats["steps"] == 6
+    rows = [row["row"] for row in result.report["table"]]
+    assert rows == ["dense", "pruned", "distilled", "distilled int8", "dense int8"]
+
+
+SWEEP = """
+[build]
+output = "{output}"
+[source]
+factory = "graphprune.models.digits:DigitsCNN"
+[data]
+calibration = "digits"
+evaluation = "photos:flower"
+samples = 16
+eval_samples = 8
+[prune]
+importance = "l2"
+[quantize]
+mode = "dynamic"
+[bench]
+batch = 2
+runs = 3
+repeats = 1
+warmup = 1
+[sweep]
+engine = "ray"
+vary = {{ "prune.ratio" = [0.25, 0.5] }}
+"""
+
+
+def test_a_sweep_runs_its_variants_as_ray_tasks_sharing_one_cache(tmp_path: Path, capsys) -> None:
+    """Two ratios as Ray tasks: the export and the dense model's quantize run once (shared cache);
+    each variant has its own output folder and report; run again (in-process), nothing is made."""
+    from graphprune.build.sweep import run_sweep
+
+    config = tmp_path / "sweep.toml"
+    config.write_text(SWEEP.format(output=tmp_path / "out"))
+    summary = run_sweep(config)
+    names = [v["variant"] for v in summary["variants"]]
+    assert names == ["ratio=0.25", "ratio=0.5"] and summary["engine"] == "ray"
+    stages = sorted(p.name.split("-")[0] for p in (tmp_path / "out" / ".stages").iterdir())
+    assert stages.count("export") == 1 and stages.count("prune") == 2 and stages.count("quantize") == 3
+    params = [[r for r in v["table"] if r["row"] == "pruned"][0]["params"] for v in summary["variants"]]
+    assert params[0] > params[1]
+    for name in names:
+        assert (tmp_path / "out" / name / "model.onnx").is_file() and (tmp_path / "out" / name / "report.html").is_file()
+    assert main(["build", str(config), "--engine", "local"]) == 0
+    again = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert again["engine"] == "local" and again["variants"][0]["table"] == summary["variants"][0]["table"]
+    for name in names:
+        report = json.loads((tmp_path / "out" / name / "report.json").read_text())
+        assert all(stage["cached"] for stage in report["stages"])

@@ -52,6 +52,14 @@ class Member:
     #: merged in (packed QKV [3 * E], batch * heads); None when that count is symbolic (batch)
     repeats: int | None = 1
 
+    @property
+    def length(self) -> int:
+        """Elements in [start, stop): static for a weight, and for an activation whose units are
+        counted (`stop` is None only where the axis is symbolic)."""
+        if self.stop is None:
+            raise ValueError(f"'{self.tensor}' axis {self.axis}: the member's size is symbolic, not a count")
+        return self.stop - self.start
+
     def unit_elements(self, units: np.ndarray, count: int) -> np.ndarray:
         """Indices along `axis` of the elements of `units` (of `count` in all), unit by unit."""
         return segment_elements(self.start, units, count, self.unit_len, self.repeats or 1)
@@ -66,6 +74,26 @@ class Segment(NamedTuple):
     group: int
     unit_len: int
     repeats: int | None
+
+    @property
+    def static(self) -> bool:
+        """Whether its size and repeat count are numbers (a slot of weights, unlike batch * heads)."""
+        return self.stop is not None and self.repeats is not None
+
+    @property
+    def length(self) -> int:
+        """Elements in [start, stop), for a `static` segment."""
+        if self.stop is None:
+            raise ValueError(f"the segment at {self.start} of group {self.group} has a symbolic size")
+        return self.stop - self.start
+
+    @property
+    def repeat_count(self) -> int:
+        """How often the pattern of units repeats, for a `static` segment."""
+        if self.repeats is None:
+            raise ValueError(f"the segment at {self.start} of group {self.group} repeats a symbolic number "
+                             "of times")
+        return self.repeats
 
 
 def segment_elements(start: int, units: np.ndarray, count: int, unit_len: int, repeats: int) -> np.ndarray:
@@ -105,6 +133,15 @@ class Group:
     @property
     def prunable(self) -> bool:
         return not self.frozen and bool(self.weights) and isinstance(self.units, int) and self.units > 1
+
+    @property
+    def unit_count(self) -> int:
+        """`units` where it is a number, as it is for every prunable group (plans, scores and
+        rewrites only deal with those)."""
+        if self.units is None:
+            raise ValueError(f"group {self.id} ({self.kind}) has a symbolic number of units: only a prunable "
+                             "group can be planned, scored or cut")
+        return self.units
 
 
 @dataclass(frozen=True)
@@ -246,13 +283,14 @@ def resolve_factors(couplings: Couplings) -> None:
         choice = placed[0] if placed else copies[0] if copies else next(
             (i for i, part in enumerate(factor.parts) if groups.find(part) not in frozen), 0)
         inner = factor.sizes[choice + 1:]
+        static_inner = [d for d in inner if isinstance(d, int)]
         outer = product(list(factor.sizes[:choice]))
-        if outer is None or not all(isinstance(d, int) for d in inner):
+        if outer is None or len(static_inner) != len(inner):
             # a unit that is no fixed number of consecutive elements cannot be mapped
             for slot in (factor.whole, *factor.parts):
                 freeze(slot, factor.reason)
             continue
-        block = math.prod(inner)
+        block = math.prod(static_inner)
         unit = factor.parts[choice]
         couplings.blocked.append(Blocked(unit, factor.whole, block, outer.dim))
         layouts.setdefault(equal.find(factor.whole), (outer, Product(block)))
@@ -294,6 +332,14 @@ def _slot_sizes(model: Model, couplings: Couplings) -> dict[Slot, int | str | No
     return sizes
 
 
+def _part_size(sizes: Mapping[Slot, int | str | None], part: Slot) -> int:
+    """The size of an `Offset`'s part: rules record an offset only where the part's size is static."""
+    size = sizes[part]
+    if size is None or isinstance(size, str):
+        raise ValueError(f"'{part[0]}' axis {part[1]} is part of another axis but has no static size")
+    return size
+
+
 def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> dict[Slot, list[int]]:
     """Propagate segment boundaries across couplings until every coupled pair agrees."""
     # edge: (target, num, den, shift, lo, hi): a cut c of the source lands at c * num / den + shift
@@ -304,7 +350,7 @@ def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> d
         edges[same.a].append((same.b, 1, 1, 0, 0, inf))
         edges[same.b].append((same.a, 1, 1, 0, 0, inf))
     for off in couplings.offsets:
-        length = sizes[off.part]
+        length = _part_size(sizes, off.part)
         edges[off.part].append((off.whole, 1, 1, off.start, 0, inf))
         edges[off.whole].append((off.part, 1, 1, -off.start, off.start, off.start + length))
     for blocked in couplings.blocked:
@@ -315,7 +361,7 @@ def _refine_cuts(sizes: dict[Slot, int | str | None], couplings: Couplings) -> d
     cuts: dict[Slot, set[int]] = {s: {0} | ({size} if isinstance(size, int) else set())
                                   for s, size in sizes.items()}
     for off in couplings.offsets:
-        cuts[off.whole].update((off.start, off.start + sizes[off.part]))
+        cuts[off.whole].update((off.start, off.start + _part_size(sizes, off.part)))
     work = list(cuts)
     while work:
         slot = work.pop()
@@ -386,8 +432,10 @@ def analyze(model: Model, gqa: str = "kv") -> Dependencies:
     one = Monomial(Fraction(1))
     for blocked in couplings.blocked:
         if blocked.strided:  # a single segment on both sides (_refine_cuts froze any other case)
+            outer = blocked.outer
+            assert outer is not None  # a strided coupling comes from `resolve_factors`: a product's dim
             coarse, fine = (blocked.coarse, 0), (blocked.fine, 0)
-            graph.add_edge(coarse, fine, ratio={coarse: (1, one), fine: (blocked.block, Monomial.of(blocked.outer))})
+            graph.add_edge(coarse, fine, ratio={coarse: (1, one), fine: (blocked.block, Monomial.of(outer))})
             continue
         for start, _ in segments_of(blocked.coarse):
             coarse, fine = (blocked.coarse, start), (blocked.fine, start * blocked.block)
@@ -404,7 +452,8 @@ def analyze(model: Model, gqa: str = "kv") -> Dependencies:
     groups: list[Group] = []
     segments: dict[Slot, list[Segment]] = defaultdict(list)
     for group_id, component in enumerate(components):
-        members, reasons, kinds, inexact = [], [], [], []
+        members, kinds, inexact = [], [], []
+        reasons: list[str] = []
         lengths = set()
         unit_lens = _unit_lengths(graph, component, reasons)
         for slot, start in sorted(component, key=lambda s: (order.get(s[0][0], len(order)), s[0][0], s[0][1], s[1])):
@@ -417,9 +466,9 @@ def analyze(model: Model, gqa: str = "kv") -> Dependencies:
                 per_unit = unit_len * repeats
                 lengths.add(None if stop is None or (stop - start) % per_unit else (stop - start) // per_unit)
             segments[slot].append(Segment(start, stop, group_id, unit_len, repeats))
-            for reason in (couplings.frozen.get(slot), frozen_tensors.get(name)):
-                if reason and reason not in reasons:
-                    reasons.append(reason)
+            for frozen_reason in (couplings.frozen.get(slot), frozen_tensors.get(name)):
+                if frozen_reason and frozen_reason not in reasons:
+                    reasons.append(frozen_reason)
             if slot in couplings.produced:
                 kinds.append(couplings.produced[slot])
             if slot in couplings.inexact:

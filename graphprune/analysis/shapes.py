@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TypeVar, cast
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -88,11 +90,24 @@ def _step(node: gs.Node, index: int, entries: list[Entry]) -> list[Entry]:
 
 
 def _step_entry(node: gs.Node, index: int, entry: Entry) -> Entry:
-    if isinstance(entry, Lit) and entry.path is not None:
-        return Lit(entry.value, ((node, index),) + entry.path, entry.index)
+    if isinstance(entry, Lit):
+        return _step_lit(node, index, entry)
     if isinstance(entry, Scaled) and entry.literal is not None:
-        return Scaled(entry.dim, entry.factor, _step_entry(node, index, entry.literal))
+        return Scaled(entry.dim, entry.factor, _step_lit(node, index, entry.literal))
     return entry
+
+
+def _step_lit(node: gs.Node, index: int, lit: Lit) -> Lit:
+    return lit if lit.path is None else Lit(lit.value, ((node, index),) + lit.path, lit.index)
+
+
+T = TypeVar("T")
+
+
+def _all_known(parts: list[T | None]) -> list[T] | None:
+    """`parts` when none of them is None."""
+    known = [p for p in parts if p is not None]
+    return known if len(known) == len(parts) else None
 
 
 def _broadcast(parts: list[list[Entry]]) -> list[tuple[Entry, ...]] | None:
@@ -103,10 +118,11 @@ def _broadcast(parts: list[list[Entry]]) -> list[tuple[Entry, ...]] | None:
     return [tuple(p[i] if len(p) > 1 else p[0] for p in parts) for i in range(length)]
 
 
-_ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
-               "Div": lambda a, b: a // b if b else None, "Mod": lambda a, b: a % b if b else None,
-               "Max": max, "Min": min,
-               "Equal": lambda a, b: int(a == b)}
+_ARITHMETIC: dict[str, Callable[[int, int], int | None]] = {
+    "Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+    "Div": lambda a, b: a // b if b else None, "Mod": lambda a, b: a % b if b else None,
+    "Max": max, "Min": min,
+    "Equal": lambda a, b: int(a == b)}
 
 
 def _combine(op: str, a: Entry, b: Entry) -> Entry:
@@ -153,8 +169,8 @@ def shape_value(tensor: gs.Tensor, depth: int = 0) -> list[Entry] | None:
         inner = shape_value(node.inputs[0], depth + 1)
         return None if inner is None else _step(node, 0, inner)
     if op == "Concat":
-        parts = [shape_value(t, depth + 1) for t in node.inputs]
-        if any(p is None for p in parts):
+        parts = _all_known([shape_value(t, depth + 1) for t in node.inputs])
+        if parts is None:
             return None
         return [e for i, p in enumerate(parts) for e in _step(node, i, p)]
     if op == "Gather" and node.attrs.get("axis", 0) in (0, -1):  # shape vectors are 1-D
@@ -163,25 +179,26 @@ def shape_value(tensor: gs.Tensor, depth: int = 0) -> list[Entry] | None:
             return None
         picked = [data[int(i) % len(data)] if -len(data) <= int(i) < len(data) else None
                   for i in indices.reshape(-1)]
-        return _step(node, 0, picked)
+        # an index out of range (a malformed model) leaves a None entry, as it always has
+        return _step(node, 0, cast(list[Entry], picked))
     if op == "Slice":
         data = shape_value(node.inputs[0], depth + 1)
-        bounds = [_literal_ints(t, depth) if t.name else [] for t in node.inputs[1:]]
-        if data is None or any(b is None for b in bounds) or len(bounds) < 2 or not len(bounds[0]):
+        bounds = _all_known([_literal_ints(t, depth) if t.name else [] for t in node.inputs[1:]])
+        if data is None or bounds is None or len(bounds) < 2 or not len(bounds[0]):
             return None
         starts, ends = bounds[0][0], bounds[1][0]
         steps = bounds[3][0] if len(bounds) > 3 and len(bounds[3]) else 1
         return _step(node, 0, data[slice(starts, ends, steps)])
     if op in _ARITHMETIC:
-        parts = [shape_value(t, depth + 1) for t in node.inputs[:2]]
-        parts = [None if p is None else _step(node, i, p) for i, p in enumerate(parts)]
-        pairs = None if any(p is None for p in parts) else _broadcast(parts)
+        parts = _all_known([shape_value(t, depth + 1) for t in node.inputs[:2]])
+        pairs = None if parts is None else _broadcast([_step(node, i, p) for i, p in enumerate(parts)])
         return None if pairs is None else [_combine(op, a, b) for a, b in pairs]
     if op == "Where":
-        cond, *values = [shape_value(t, depth + 1) for t in node.inputs[:3]]
-        if cond is None or any(v is None for v in values):
+        parts = _all_known([shape_value(t, depth + 1) for t in node.inputs[:3]])
+        if parts is None:
             return None
-        triples = _broadcast([cond] + [_step(node, i + 1, v) for i, v in enumerate(values)])
+        cond, *branches = parts
+        triples = _broadcast([cond] + [_step(node, i + 1, v) for i, v in enumerate(branches)])
         if triples is None:
             return None
         return [(x if c.value else y) if isinstance(c, Lit) else Opaque(sources(c) | sources(x) | sources(y))
@@ -201,9 +218,10 @@ def _literal_ints(tensor: gs.Tensor, depth: int) -> list[int] | None:
     if values is not None:
         return [int(v) for v in values.reshape(-1)]
     entries = shape_value(tensor, depth + 1)
-    if entries is None or not all(isinstance(e, Lit) for e in entries):
+    if entries is None:
         return None
-    return [e.value for e in entries]
+    literals = [e.value for e in entries if isinstance(e, Lit)]
+    return literals if len(literals) == len(entries) else None
 
 
 def _static_count(tensor: gs.Tensor, depth: int) -> int | None:

@@ -72,6 +72,12 @@ class BuildConfig:
     def output(self) -> Path:
         return self.resolve(self["build"]["output"])
 
+    @property
+    def cache(self) -> Path:
+        """Where stages keep their results (default <output>/.stages; a sweep's variants share one)."""
+        given = self["build"]["cache"]
+        return self.output / ".stages" if given is None else self.resolve(given)
+
     def resolve(self, value: str | Path) -> Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.folder / path
@@ -95,7 +101,7 @@ DISTILL_KEYS = ("epochs", "lr", "batch", "loss", "temperature", "top_k", "hidden
 #: section -> key -> default (None: optional, no default). `_check` below adds the value checks.
 def _defaults() -> dict[str, dict[str, Any]]:
     return {
-        "build": {"output": None, "provider": "cpu", "seed": 0, "threads": 2, "external_data_mb": 1024},
+        "build": {"output": None, "cache": None, "provider": "cpu", "seed": 0, "threads": 2, "external_data_mb": 1024},
         "source": {"onnx": None, "hf": None, "factory": None, "kwargs": {}, "tokenizer": None},
         "export": {"exporter": "dynamo", "task": None, "inputs": {}, "dynamic_axes": None, "opset": None,
                    "example_seq": 16},
@@ -112,18 +118,26 @@ def _defaults() -> dict[str, dict[str, Any]]:
     }
 
 
-def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> BuildConfig:
-    """Read and check a build config. `overrides` (section -> key -> value) win over the file's
-    values, as if written there (the Python API's way to vary one key)."""
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """The config file as parsed TOML; a missing or malformed file is a one-line ConfigKeyError."""
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigKeyError(f"{path}: no such build config") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigKeyError(f"{path}: cannot read it: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigKeyError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigKeyError(f"{path.name}: not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> BuildConfig:
+    """Read and check a build config. `overrides` (section -> key -> value) win over the file's
+    values, as if written there (the Python API's way to vary one key)."""
+    path = Path(path)
+    raw = read_toml(path)
+    if "sweep" in raw:
+        raise ConfigKeyError(f"{path.name}: has a [sweep] (several builds): run it with `graphprune build` or "
+                             "graphprune.build.sweep.run_sweep")
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)
     return parse_config(raw, path)
@@ -185,6 +199,7 @@ def _check_positive(name: str, section: Section, *keys: str) -> None:
 def _check(config: BuildConfig, name: str) -> None:
     build = config["build"]
     _check_type(name, build, "output", str, "a folder path")
+    _check_type(name, build, "cache", str, "a folder path")
     _check_choice(name, build, "provider", PROVIDERS)
     _check_type(name, build, "seed", int, "a whole number")
     _check_positive(name, build, "threads", "external_data_mb")

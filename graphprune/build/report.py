@@ -80,7 +80,8 @@ def _comparisons(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Latency ratios measured in the same interleaved run: the last pruned model of each form
     (plain, fused, int8) against the dense model of the same form, so that every gain is shown
     against a dense model that got the same treatment."""
-    dense, pruned = {}, {}
+    dense: dict[str, dict[str, Any]] = {}
+    pruned: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r["latency_ms"]:
             (dense if r["reference"] or r["row"] == "dense" else pruned)[_form(r["row"])] = r

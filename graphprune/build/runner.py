@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ from graphprune.tools import progress
 
 logger = logging.getLogger(__name__)
 
-CACHE = ".stages"
 #: row labels of the model stages in the report
 LABELS = {"export": "dense", "prune": "pruned", "recover": "distilled", "fuse": "fused", "quantize": "int8"}
 
@@ -154,7 +154,8 @@ def plan(config: BuildConfig) -> tuple[stages.Context, list[Step]]:
                 uses_data = name == "quantize" and options["mode"] == "static"
                 key = _hash(name, reference.key if reference else root, options,
                             calibration if uses_data else None, seed)
-                label = "dense " + LABELS[name] if reference is dense else reference.label + " " + LABELS[name]
+                label = "dense " + LABELS[name] if reference is None or reference is dense else \
+                    reference.label + " " + LABELS[name]
                 reference = Step(name, label, key, reference, reference=True)
                 steps.append(reference)
     models = [s.key for s in steps]
@@ -178,7 +179,7 @@ def _label(config: BuildConfig, name: str, parent: Step | None) -> str:
 
 def describe(config: BuildConfig, steps: list[Step]) -> list[dict[str, Any]]:
     """The plan as rows (for --dry-run): stage, what it reads, key, cached or to run."""
-    cache = config.output / CACHE
+    cache = config.cache
     rows = []
     models_run = False
     for step in steps:
@@ -196,15 +197,19 @@ def describe(config: BuildConfig, steps: list[Step]) -> list[dict[str, Any]]:
 
 
 def run_build(config: BuildConfig, console: Console | None = None, rerun: frozenset[str] = frozenset(),
-              on_step: Callable[[Step], None] | None = None) -> BuildResult:
+              on_step: Callable[[Step], None] | None = None, only: frozenset[str] | None = None) -> BuildResult:
     """Run (or reuse) every step, then write the output folder: the final model, its config and
-    tokenizer, report.json and report.html. `rerun` names stages to run even when cached."""
+    tokenizer, report.json and report.html. `rerun` names stages to run even when cached. `only`
+    (step keys): run just those model steps, into the cache, and write no output folder (a sweep
+    runs the steps its variants share this way first)."""
     from graphprune.build import report
 
     console = console or Console(stderr=True)
     ctx, steps = plan(config)
+    if only is not None:
+        steps = [s for s in steps if s.makes_model and s.key in only]
     output = config.output
-    cache = output / CACHE
+    cache = config.cache
     cache.mkdir(parents=True, exist_ok=True)
     source = config["source"]
     ctx.dense = Path(ctx.value_of(source["onnx"])) if source.get("onnx") is not None else None
@@ -222,6 +227,8 @@ def run_build(config: BuildConfig, console: Console | None = None, rerun: frozen
             ctx.dense = step.model
         if on_step:
             on_step(step)
+    if only is not None:
+        return BuildResult(config, steps, output, {})
     model_steps = [s for s in steps if s.makes_model]
     final = next((s for s in reversed(model_steps) if not s.reference), None)
     final_model = final.model if final else ctx.dense
@@ -230,7 +237,7 @@ def run_build(config: BuildConfig, console: Console | None = None, rerun: frozen
         written = _write_output(ctx, output, final_model, next((s for s in steps if s.name == "prune"), None))
         built = report.build_report(config, ctx, steps, written)
         pruned = next((s for s in steps if s.name == "prune"), None)
-        report.write_report(built, output, None if pruned is None else pruned.folder / "prune-report.json")
+        report.write_report(built, output, None if pruned is None else pruned.model.parent / "prune-report.json")
     return BuildResult(config, steps, output, built)
 
 
@@ -238,9 +245,7 @@ def _run_step(ctx: stages.Context, steps: list[Step], step: Step, cache: Path, c
     from graphprune.build import evaluate
 
     assert step.folder is not None
-    scratch = cache / f".tmp-{step.name}-{step.key}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".tmp-{step.name}-{step.key}-", dir=cache))
     what = step.label if step.makes_model else step.name
     start = time.perf_counter()
     try:
@@ -264,10 +269,26 @@ def _run_step(ctx: stages.Context, steps: list[Step], step: Step, cache: Path, c
     step.seconds = time.perf_counter() - start
     (scratch / "stage.json").write_text(json.dumps({"stage": step.name, "key": step.key, "seconds": step.seconds,
                                                     "stats": step.stats}, indent=1, default=str))
-    shutil.rmtree(step.folder, ignore_errors=True)
-    scratch.rename(step.folder)
+    _publish(scratch, step.folder)
     console.print(f"stage {step.name}{' (dense)' if step.reference else ''}: {what} done in {step.seconds:.1f} s",
                   highlight=False)
+
+
+def _publish(scratch: Path, folder: Path) -> None:
+    """Move a finished stage into the cache. Where the folder is there already (a --rerun, or a
+    parallel task that made the same stage: same key, same content), the older one is replaced;
+    a rename cannot clobber a non-empty folder, so the old one is moved aside first."""
+    if folder.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=folder.parent))
+        try:
+            folder.rename(aside / "stage")
+        except FileNotFoundError:  # a parallel task moved it already
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        scratch.rename(folder)
+    except OSError:  # a parallel task published the same key meanwhile: keep theirs
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _prune_report(step: Step) -> Path | None:

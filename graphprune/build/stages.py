@@ -134,7 +134,9 @@ def _hf_module(ctx: Context, options: Any) -> tuple[Any, tuple, list[str]]:
         return _wrapped(model, "logits", "pixel_values"), (torch.randn(2, config.get("num_channels", 3), size, size),), \
             ["pixel_values"]
     seq = options["example_seq"] if options else 16
-    encoded = load_tokenizer(ctx.tokenizer)(list(english_sentences()[:2]), padding="max_length",
+    tokenizer = ctx.tokenizer
+    assert tokenizer is not None  # an hf source is a folder with its tokenizer
+    encoded = load_tokenizer(tokenizer)(list(english_sentences()[:2]), padding="max_length",
                                             truncation=True, max_length=seq, return_tensors="pt")
     names = ["input_ids", "attention_mask"]
     example = tuple(encoded[name].to(torch.int64) for name in names)
@@ -247,7 +249,7 @@ def _hf_config(ctx: Context) -> dict:
 def _ort_model_type(hf_type: str | None) -> str:
     from onnxruntime.transformers.optimizer import MODEL_TYPES
 
-    return hf_type if hf_type in MODEL_TYPES else "bert"
+    return hf_type if hf_type is not None and hf_type in MODEL_TYPES else "bert"
 
 
 def _head_count(prune_report: Path | None, hf_config: dict) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -53,7 +53,7 @@ def consumer_pairs(model: Model, group: Group) -> list[tuple[Member, Member]]:
             for other in node.inputs[1:2]:
                 weight = weights.get(other.name)
                 if weight is not None and isinstance(other, gs.Constant) and \
-                        weight.stop - weight.start == member.stop - member.start:
+                        weight.length == member.stop - member.start:
                     pairs.append((member, weight))
     return pairs
 
@@ -61,7 +61,7 @@ def consumer_pairs(model: Model, group: Group) -> list[tuple[Member, Member]]:
 def _element_weight_sums(values: np.ndarray, member: Member, power: int = 1) -> np.ndarray:
     """sum_i |W_ij|^power for every element j of the member's segment."""
     part = np.take(np.abs(np.asarray(values, np.float64)), np.arange(member.start, member.stop), axis=member.axis)
-    return (np.moveaxis(part, member.axis, 0).reshape(member.stop - member.start, -1) ** power).sum(axis=1)
+    return (np.moveaxis(part, member.axis, 0).reshape(member.length, -1) ** power).sum(axis=1)
 
 
 #: what `activation_scores` measures of an activation element: its L2 norm or its variance
@@ -108,7 +108,8 @@ class ActivationStatistics:
         for group in self.deps.prunable:
             if not self.pairs[group.id]:
                 continue
-            total = np.zeros(group.units)
+            units = group.unit_count
+            total = np.zeros(units)
             for act, weight in self.pairs[group.id]:
                 key = f"{act.tensor}#{act.axis}"
                 if self.statistic == "fluctuation":
@@ -120,15 +121,15 @@ class ActivationStatistics:
                     norms = np.sqrt(self.squares[key][act.start:act.stop])
                     contribution = norms * _element_weight_sums(consts[weight.tensor].values, weight)
                 if act.repeats == 1:
-                    total += contribution.reshape(group.units, -1).sum(axis=1)
+                    total += contribution.reshape(units, -1).sum(axis=1)
                 else:  # [repeats, units, unit_len] (packed QKV): every repeat of a unit counts
-                    total += contribution.reshape(act.repeats, group.units, -1).sum(axis=(0, 2))
+                    total += contribution.reshape(act.repeats, units, -1).sum(axis=(0, 2))
             scores[group.id] = total
         logger.debug("activation scores for %d of %d groups", len(scores), len(self.deps.prunable))
         return scores
 
 
-def activation_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray],
+def activation_scores(model: Model, deps: Dependencies, feeds: Mapping[str, np.ndarray],
                       skip: Collection[int] = (), statistic: str = "norm") -> dict[int, np.ndarray]:
     """Scores for every prunable group that has consumer pairs (and is not in `skip`); other groups
     are left out. `statistic`: see the module doc."""

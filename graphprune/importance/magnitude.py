@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def magnitude(tensors: dict[str, gs.Tensor], group: Group, kind: str) -> np.ndarray:
     """Per-unit l1 or l2 norm over every scored member, a member at a time (a model streamed from
     disk never has more than one weight in memory here)."""
-    total = np.zeros(group.units)
+    total = np.zeros(group.unit_count)
     for member in group.scored_weights:
         values = tensors[member.tensor].values
         rows = unit_rows(values, member).astype(np.float64)

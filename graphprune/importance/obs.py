@@ -138,7 +138,7 @@ def obs_pair(model: Model, group: Group) -> tuple[Member, Member, np.ndarray] | 
     tensor = model.tensors()[act.tensor]
     rows = _consumer_rows(model, weight)
     if rows is None or tensor.shape is None or act.axis not in (-1, len(tensor.shape) - 1) \
-            or (act.stop - act.start) % group.units or act.repeats not in (None, 1):
+            or act.length % group.unit_count or act.repeats not in (None, 1):
         return None
     return act, weight, rows
 
@@ -150,7 +150,7 @@ class ObsStatistics:
         self.deps = deps
         self.chosen = {g.id: found for g in deps.prunable if (found := obs_pair(model, g)) is not None}
         self.tensors = {act.tensor for act, _, _ in self.chosen.values()}
-        self.grams = {gid: np.zeros((act.stop - act.start,) * 2) for gid, (act, _, _) in self.chosen.items()}
+        self.grams = {gid: np.zeros((act.length,) * 2) for gid, (act, _, _) in self.chosen.items()}
 
     def add(self, batch: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
         for gid, (act, _, _) in self.chosen.items():
@@ -160,7 +160,7 @@ class ObsStatistics:
 
     def scores(self) -> dict[int, np.ndarray]:
         groups: dict[int, Group] = {g.id: g for g in self.deps.prunable}
-        scores = {gid: greedy_removal(self.grams[gid], rows, groups[gid].units)
+        scores = {gid: greedy_removal(self.grams[gid], rows, groups[gid].unit_count)
                   for gid, (_, _, rows) in self.chosen.items()}
         logger.debug("OBS scores for %d of %d groups", len(scores), len(self.deps.prunable))
         return scores

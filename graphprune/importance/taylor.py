@@ -74,7 +74,7 @@ def taylor_scores(model: Model, deps: Dependencies, feeds: dict[str, np.ndarray]
         feeds = dict(feeds, **{LABELS: labels})
         draws = 1
     generator = torch.Generator().manual_seed(seed)
-    totals = {g.id: np.zeros(g.units) for g in deps.prunable}
+    totals = {g.id: np.zeros(g.unit_count) for g in deps.prunable}
     members = {g.id: [m for m in g.scored_weights if m.tensor in params] for g in deps.prunable}
     count = 0
     for chunk in batches(feeds, batch, trim=dynamic_sequence(model.to_onnx())):

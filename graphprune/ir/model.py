@@ -253,6 +253,8 @@ def _ort_symbolic_shape_infer() -> types.ModuleType:
 
         spec = importlib.util.spec_from_file_location(
             name, Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py")
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {name} from {Path(onnxruntime.__file__).parent}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules[name] = module
@@ -264,9 +266,12 @@ def _symbolic_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto | None:
     keeps dims symbolic (`batch*seq`) where ONNX's own inference gives up. None when it cannot
     handle the graph (unknown ops, custom domains): ONNX's inference is the fallback."""
     ort_symbolic = _ort_symbolic_shape_infer()
+    base: type = ort_symbolic.SymbolicShapeInference  # loaded from a file: a class known at run time only
 
-    class Inference(ort_symbolic.SymbolicShapeInference):
+    class Inference(base):
         """Default-domain namesakes of contrib ops get ONNX's inference of that one node."""
+
+        tmp_mp_: onnx.ModelProto  # the base's scratch model for single-node inference
 
         def __init__(self, *args) -> None:
             super().__init__(*args)

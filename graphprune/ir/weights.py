@@ -151,11 +151,13 @@ def release(array: object) -> None:
     """Drop the pages of a mapped array from this process (they stay in the page cache, and are
     read back on the next access). Anything else: nothing to do."""
     entry = _entry(array)
-    if entry is not None:
+    if entry is not None and _LIBC is not None:  # there are entries only where libc maps files
         _LIBC.madvise(entry.address, entry.size, mmap.MADV_DONTNEED)
 
 
 def release_all() -> None:
+    if _LIBC is None:  # nothing is mapped
+        return
     for entry in list(_BY_ID.values()):
         if entry.array() is not None:
             _LIBC.madvise(entry.address, entry.size, mmap.MADV_DONTNEED)

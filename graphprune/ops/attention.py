@@ -24,6 +24,7 @@ from graphprune.ops.base import (
     RewriteContext,
     RuleContext,
     Slot,
+    all_static,
     freeze_node,
     node_label,
     numel,
@@ -90,8 +91,8 @@ def attention(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         scores = q_heads
     else:
         q_count, kv_count = node.attrs.get("q_num_heads"), node.attrs.get("kv_num_heads")
-        sizes = [ctx.dim(t, 2) for t in (q, k, v, y)]
-        if not isinstance(q_count, int) or not isinstance(kv_count, int) or not all(isinstance(s, int) for s in sizes) \
+        sizes = all_static([ctx.dim(t, 2) for t in (q, k, v, y)])
+        if not isinstance(q_count, int) or not isinstance(kv_count, int) or sizes is None \
                 or sizes[0] % q_count or sizes[1] % kv_count or sizes[2] % kv_count or sizes[3] % q_count:
             freeze_node(node, ctx, out, f"{node_label(node)}: head counts do not divide the hidden sizes")
             return
@@ -181,7 +182,7 @@ def _split_heads(out: Couplings, reason: str, hidden: dict[Slot, tuple[Slot, Slo
         out.factor(slot, [heads, dim], [count, size], reason)
 
 
-def _fused_attention(node: gs.Node, ctx: RuleContext, out: Couplings, hidden: dict[str, Slot | None],
+def _fused_attention(node: gs.Node, ctx: RuleContext, out: Couplings, hidden: dict[str, Slot],
                      q_count: object, kv_count: object, caches: list[tuple[gs.Tensor | None, int, str]],
                      bias: gs.Tensor | None = None) -> None:
     """What the com.microsoft attention ops share. `hidden` gives the slots of the q/k/v/output
@@ -190,10 +191,11 @@ def _fused_attention(node: gs.Node, ctx: RuleContext, out: Couplings, hidden: di
     (Attention's past is [2, batch, heads, seq, head_dim]); `bias` [batch|1, heads|1, q, kv] is
     added to the scores."""
     y = node.outputs[0]
-    sizes = {key: out.virtual.get(slot) if slot in out.virtual else ctx.dim(*_tensor_axis(node, slot))
-             for key, slot in hidden.items() if slot is not None}
+    dims = {key: out.virtual.get(slot) if slot in out.virtual else ctx.dim(*_tensor_axis(node, slot))
+            for key, slot in hidden.items()}
+    sizes = {key: d for key, d in dims.items() if isinstance(d, int)}
     if not (isinstance(q_count, int) and isinstance(kv_count, int) and q_count and kv_count
-            and all(isinstance(s, int) for s in sizes.values())
+            and len(sizes) == len(dims)
             and sizes["q"] % q_count == 0 and sizes["k"] % kv_count == 0 and sizes["v"] % kv_count == 0
             and sizes["q"] // q_count == sizes["k"] // kv_count and sizes["y"] % q_count == 0):
         freeze_node(node, ctx, out, f"{node_label(node)}: head counts do not divide the hidden sizes")
@@ -264,21 +266,21 @@ def ms_multi_head_attention(node: gs.Node, ctx: RuleContext, out: Couplings) -> 
         out.couple((q.name, axis), (y.name, axis))
     out.couple((q.name, 0), (k.name, 0))
     out.couple((k.name, 0), (v.name, 0))
-    hidden: dict[str, Slot | None] = {"q": (q.name, 2), "y": (y.name, 2)}
+    hidden: dict[str, Slot] = {"q": (q.name, 2), "y": (y.name, 2)}
     if ctx.rank(k) == 3:
         out.couple((k.name, 1), (v.name, 1))
         hidden.update(k=(k.name, 2), v=(v.name, 2))
     else:  # [batch, heads, kv_seq, head_dim]: head axes given, hidden ones virtual
         out.couple((k.name, 2), (v.name, 2))
         for tensor, part in ((k, "k"), (v, "v")):
-            size = ctx.dim(tensor, 1), ctx.dim(tensor, 3)
+            count, width = ctx.dim(tensor, 1), ctx.dim(tensor, 3)
             slot = (f"{y.name}#{part}", 0)
-            out.virtual[slot] = size[0] * size[1] if all(isinstance(s, int) for s in size) else None
+            out.virtual[slot] = count * width if isinstance(count, int) and isinstance(width, int) else None
             hidden[part] = slot
     bias = optional_tensor(node, 3)
     if bias is not None:
-        sizes = [ctx.dim(q, 2), ctx.dim(k, 2), ctx.dim(v, 2)] if ctx.rank(k) == 3 else [None]
-        if not all(isinstance(s, int) for s in sizes) or sum(sizes) != ctx.dim(bias, 0):
+        sizes = all_static([ctx.dim(q, 2), ctx.dim(k, 2), ctx.dim(v, 2)]) if ctx.rank(k) == 3 else None
+        if sizes is None or sum(sizes) != ctx.dim(bias, 0):
             freeze_node(node, ctx, out, f"{node_label(node)}: cannot split the packed bias")
             return
         packed = [(f"{y.name}#{part}_bias", 0) for part in "qkv"]
@@ -306,16 +308,17 @@ def ms_group_query_attention(node: gs.Node, ctx: RuleContext, out: Couplings) ->
         return
     for axis in (0, 1):
         out.couple((q.name, axis), (y.name, axis))
-    if k is None:
+    if k is None or v is None:  # both absent (checked above): Q | K | V packed into the query
         total, width = ctx.dim(q, 2), ctx.dim(y, 2)
-        if not all(isinstance(s, int) for s in (total, width, q_count, kv_count)) or not q_count \
+        if not isinstance(total, int) or not isinstance(width, int) or not isinstance(q_count, int) \
+                or not isinstance(kv_count, int) or not q_count \
                 or width % q_count or total != width + 2 * kv_count * (width // q_count):
             freeze_node(node, ctx, out, f"{node_label(node)}: cannot split the packed query/key/value")
             return
         kv_width = kv_count * (width // q_count)
         packed = [(f"{y.name}#{part}", 0) for part in "qkv"]
         _packed(out, (q.name, 2), list(zip(packed, [width, kv_width, kv_width], strict=True)))
-        hidden: dict[str, Slot | None] = {"q": packed[0], "k": packed[1], "v": packed[2], "y": (y.name, 2)}
+        hidden: dict[str, Slot] = {"q": packed[0], "k": packed[1], "v": packed[2], "y": (y.name, 2)}
     else:
         for tensor in (k, v):
             out.couple((q.name, 0), (tensor.name, 0))

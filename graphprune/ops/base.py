@@ -194,6 +194,12 @@ def known_dim(dim: Dim) -> bool:
     return isinstance(dim, int) or (isinstance(dim, str) and dim != "")
 
 
+def all_static(dims: list[Dim]) -> list[int] | None:
+    """`dims` when every one is an int, else None."""
+    sizes = [d for d in dims if isinstance(d, int)]
+    return sizes if len(sizes) == len(dims) else None
+
+
 def present_tensors(tensors: list[gs.Tensor]) -> list[gs.Tensor]:
     return [t for t in tensors if t is not None and t.name != ""]
 

@@ -122,9 +122,9 @@ def pad(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     if pads is None or (len(node.inputs) > 3 and node.inputs[3].name and axes is None):
         freeze_node(node, ctx, out, f"{node_label(node)}: pads computed at run time")
         return
-    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
-    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
-    padded = {axis for i, axis in enumerate(axes) if pads[i] or pads[i + len(axes)]}
+    widths = [int(p) for p in np.asarray(pads).reshape(-1)]
+    pad_axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+    padded = {axis for i, axis in enumerate(pad_axes) if widths[i] or widths[i + len(pad_axes)]}
     for axis in range(rank):
         if axis in padded:
             out.freeze((x.name, axis), f"{node_label(node)} pads this axis")

@@ -63,9 +63,9 @@ def lower_pow(a, b):
 
 
 def lower_variadic(*xs, op: str):
-    fn = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add}.get(op)
     if op == "Mean":
         return lower_variadic(*xs, op="Sum") / len(xs)
+    fn = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add}[op]
     out = xs[0]
     for x in xs[1:]:
         out = fn(out, x)

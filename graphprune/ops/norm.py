@@ -73,6 +73,7 @@ def softmax(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     rank = input_rank(node, ctx, out)
     if rank is None:
         return
+    normalized: range | list[int]
     if ctx.opset < 13:
         # before opset 13 the input is coerced to 2-D: every axis from `axis` on is normalized
         axis = node.attrs.get("axis", 1) % rank

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphprune.analysis.shapes import DimOf, Entry, Lit, Opaque, Product, Scaled, shape_value, sources
+from graphprune.analysis.shapes import DimOf, Entry, Lit, Opaque, Path, Product, Scaled, shape_value, sources
 from graphprune.ops.base import (
     ELEMENTWISE,
     FREE,
@@ -29,6 +29,7 @@ from graphprune.ops.base import (
     RewriteContext,
     RuleContext,
     ScaledSize,
+    Slot,
     freeze_node,
     input_rank,
     int_list,
@@ -118,7 +119,7 @@ def _couple_runs(node: gs.Node, out: Couplings, x: gs.Tensor, y: gs.Tensor, in_a
         return
     sizes, in_atoms, out_atoms = atoms
     # each common factor is represented by an axis that is that factor alone, else by a virtual slot
-    single = {}
+    single: dict[int, Slot] = {}
     for tensor, axes, groups in ((x, ins, in_atoms), (y, outs, out_atoms)):
         for axis, group in zip(axes, groups, strict=True):
             if len(group) == 1:
@@ -145,8 +146,8 @@ def common_factors(a: list[Dim], b: list[Dim]) -> tuple[list[Dim], list[list[int
     """The coarsest factors both lists of dims (with equal products) are made of, left to right:
     [batch, 64] and [batch*4, 16] give [batch, 4, 16], with axes [[0], [1, 2]] and [[0, 1], [2]].
     None when some dims cannot be cut at a common boundary ([4, 6] against [6, 4])."""
-    left, right = [Product.of(d) for d in a], [Product.of(d) for d in b]
-    if any(p is None for p in left + right):
+    left, right = _products(a), _products(b)
+    if left is None or right is None:
         return None
     sizes: list[Dim] = []
     groups_a: list[list[int]] = [[] for _ in a]
@@ -166,7 +167,10 @@ def common_factors(a: list[Dim], b: list[Dim]) -> tuple[list[Dim], list[list[int
         groups_a[i].append(len(sizes))
         groups_b[j].append(len(sizes))
         sizes.append(atom.dim)
-        left[i], right[j] = p.divide(atom), q.divide(atom)
+        rest_p, rest_q = p.divide(atom), q.divide(atom)
+        if rest_p is None or rest_q is None:  # p == q == 0: a zero-size run
+            raise ValueError(f"cannot cut zero-size dims {a} and {b} into common factors")
+        left[i], right[j] = rest_p, rest_q
         if left[i] == one:
             i += 1
         if right[j] == one:
@@ -176,15 +180,21 @@ def common_factors(a: list[Dim], b: list[Dim]) -> tuple[list[Dim], list[list[int
     return sizes, groups_a, groups_b
 
 
+def _products(dims: list[Dim]) -> list[Product] | None:
+    """Each dim as a `Product`; None when one is unknown."""
+    products = [Product.of(d) for d in dims]
+    known = [p for p in products if p is not None]
+    return known if len(known) == len(products) else None
+
+
 def match_axes(in_shape: list[Dim], out_shape: list[Dim]) -> list[tuple[list[int], list[int]]] | None:
     """Runs of axes with equal products, left to right. Dims may be symbolic (`batch`, `unk__3*4`):
     a run grows on the side whose product divides the other's until both agree.
 
     Returns None when the shapes cannot be matched (an unknown dim, or products that never agree).
     """
-    ins = [Product.of(d) for d in in_shape]
-    outs = [Product.of(d) for d in out_shape]
-    if any(p is None for p in ins + outs):
+    ins, outs = _products(in_shape), _products(out_shape)
+    if ins is None or outs is None:
         return None
     runs, i, j = [], 0, 0
     while i < len(ins) or j < len(outs):
@@ -215,7 +225,7 @@ def _regroup(node: gs.Node, ctx: RuleContext, out: Couplings, out_shape: list[Di
     x, y = node.inputs[0], node.outputs[0]
     in_shape = ctx.shape(x)
     runs = None if in_shape is None or out_shape is None else match_axes(in_shape, out_shape)
-    if runs is None:
+    if in_shape is None or out_shape is None or runs is None:
         freeze_node(node, ctx, out, f"{node_label(node)}: cannot match input and output axes")
         return
     for ins, outs in runs:
@@ -226,8 +236,14 @@ def flatten(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
     _regroup(node, ctx, out, ctx.shape(node.outputs[0]))
 
 
+def _path(lit: Lit) -> Path:
+    """The path of a literal the rewrite can change."""
+    assert lit.path is not None, "only literals with a path are keyed or edited"
+    return lit.path
+
+
 def _literal_key(lit: Lit) -> tuple:
-    return tuple((id(n), i) for n, i in lit.path), lit.index
+    return tuple((id(n), i) for n, i in _path(lit)), lit.index
 
 
 def _target_entries(node: gs.Node, ctx: RuleContext, out: Couplings, y: gs.Tensor) -> list[Entry] | None:
@@ -370,7 +386,7 @@ def _set_literals(node: gs.Node, index: int, edits: list[tuple[Lit, int]], ctx: 
     """Give each literal read through `node.inputs[index]` its new value, on a copy of the constant
     and of every node on the way to it: shape chains are often shared with other layers."""
     tensor = node.inputs[index]
-    key = (id(tensor), tuple(sorted((tuple((id(n), j) for n, j in lit.path), lit.index, value)
+    key = (id(tensor), tuple(sorted((tuple((id(n), j) for n, j in _path(lit)), lit.index, value)
                                     for lit, value in edits)))
     if key in ctx.copies:  # another layer needs the same sizes from the same chain: share the copy
         node.inputs[index] = ctx.copies[key]
@@ -382,14 +398,15 @@ def _set_literals(node: gs.Node, index: int, edits: list[tuple[Lit, int]], ctx: 
             flat[lit.index] = value
         node.inputs[index] = ctx.copies[key] = ctx.constant(f"{node.name or tensor.name}_shape", values)
         return
-    producer = edits[0][0].path[0][0]
+    producer = _path(edits[0][0])[0][0]
     out = producer.outputs[0]
     clone = gs.Node(producer.op, ctx.unique(f"{producer.name}_pruned"), dict(producer.attrs), list(producer.inputs),
                     [gs.Variable(ctx.unique(f"{out.name}_pruned"), out.dtype, out.shape)])
     ctx.model.graph.nodes.append(clone)
     by_input: dict[int, list[tuple[Lit, int]]] = defaultdict(list)
     for lit, value in edits:
-        by_input[lit.path[0][1]].append((Lit(lit.value, lit.path[1:], lit.index), value))
+        path = _path(lit)
+        by_input[path[0][1]].append((Lit(lit.value, path[1:], lit.index), value))
     for input_index, sub in by_input.items():
         _set_literals(clone, input_index, sub, ctx)
     node.inputs[index] = ctx.copies[key] = clone.outputs[0]

@@ -85,10 +85,13 @@ def slice_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
         freeze_node(node, ctx, out, f"{node_label(node)}: slice axes are not constants")
         return
     count = ctx.dim(node.inputs[1], 0) if bounds[0] is None else len(bounds[0])
-    if axes_value is None and not isinstance(count, int):
+    if axes_value is not None:
+        axes = [int(a) % rank for a in axes_value]
+    elif isinstance(count, int):
+        axes = list(range(count))
+    else:
         freeze_node(node, ctx, out, f"{node_label(node)}: cannot tell which axes are sliced")
         return
-    axes = list(range(count)) if axes_value is None else [int(a) % rank for a in axes_value]
     constant = all(b is not None for b, present in zip(bounds, given, strict=True) if present)
     starts = bounds[0]
     steps = [1] * len(axes) if bounds[3] is None else [int(s) for s in bounds[3]]
@@ -98,7 +101,8 @@ def slice_rule(node: gs.Node, ctx: RuleContext, out: Couplings) -> None:
             continue
         i = axes.index(axis)
         size = ctx.dim(x, axis)
-        if not constant or steps[i] != 1 or not isinstance(size, int) or not isinstance(ctx.dim(y, axis), int):
+        if not constant or starts is None or steps[i] != 1 or not isinstance(size, int) \
+                or not isinstance(ctx.dim(y, axis), int):
             reason = f"{node_label(node)}: strided, run-time or unknown-size slice on axis {axis}"
             out.freeze((x.name, axis), reason)
             out.freeze((y.name, axis), reason)

@@ -66,7 +66,7 @@ def kill_units(model: Model, choose_dead: Callable[[Group], set[int]], gqa: str 
         for member in group.scored_weights if dead.get(group.id) else ():
             values = np.asarray(consts[member.tensor].values).copy()
             index: list = [slice(None)] * values.ndim
-            index[member.axis] = member.unit_elements(np.array(sorted(dead[group.id])), group.units)
+            index[member.axis] = member.unit_elements(np.array(sorted(dead[group.id])), group.unit_count)
             values[tuple(index)] = 0
             consts[member.tensor].values = values
     return deps, dead
@@ -90,7 +90,7 @@ def check_dead_unit_removal(model: Model, choose_dead: Callable[[Group], set[int
     deps, dead = kill_units(model, choose_dead, gqa)
     expected = 0
     for tensor in model.weights():
-        kept = [sum(seg.stop - seg.start - len(dead.get(seg.group, ())) * seg.unit_len * seg.repeats
+        kept = [sum(seg.length - len(dead.get(seg.group, ())) * seg.unit_len * seg.repeat_count
                     for seg in deps.segments[(tensor.name, axis)])
                 if (tensor.name, axis) in deps.segments else size for axis, size in enumerate(tensor.values.shape)]
         expected += int(np.prod(kept))

@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -272,7 +273,13 @@ def pinned(threads: int):
         os.sched_setaffinity(0, before)
 
 
-def round_robin(runs_of: list[tuple[object, dict[str, np.ndarray]]], runs: int) -> list[list[float]]:
+class Session(Protocol):
+    """What timing needs of an ONNX Runtime session."""
+
+    def run(self, output_names: Any, input_feed: dict[str, np.ndarray]) -> Any: ...
+
+
+def round_robin(runs_of: list[tuple[Session, dict[str, np.ndarray]]], runs: int) -> list[list[float]]:
     """Seconds per run of each (session, feeds), timed in turns so machine noise hits all alike."""
     times: list[list[float]] = [[] for _ in runs_of]
     for _ in range(runs):

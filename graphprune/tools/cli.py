@@ -254,6 +254,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, help="output folder (overrides [build] output)")
     p.add_argument("--provider", choices=("cpu", "cuda"), help="ONNX Runtime provider for every stage that runs a "
                                                               "model (overrides [build] provider)")
+    p.add_argument("--engine", choices=("local", "ray"), help="a sweep's variants: one after another in this "
+                                                            "process, or as Ray tasks (overrides [sweep] engine)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -372,6 +374,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = api.prune(model, args.pipeline, verify=not args.no_verify, progress=show,
                            seed=args.seed, calibration=calibration, labels=labels, **options)
     if held_out is not None:
+        assert dense_perplexity is not None  # measured above whenever there are held-out windows
         report.perplexity = {"dense": dense_perplexity, "pruned": _perplexity(model, held_out, "pruned"),
                              "windows": len(held_out), "window": int(held_out.shape[1])}
     save_model(model, args.output, external=True if args.external_data else None)
@@ -395,8 +398,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report_dir:
         from graphprune.tools.charts import write_report_dir
 
-        written = write_report_dir(report, args.report_dir, name=args.input.name)
-        console.print(f"report charts: {', '.join(str(p) for p in written)}")
+        charts = write_report_dir(report, args.report_dir, name=args.input.name)
+        console.print(f"report charts: {', '.join(str(p) for p in charts)}")
     print_report(report, args.output)
     return 0
 
@@ -588,6 +591,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["build"]["output"] = str(args.output.resolve())
     if args.provider is not None:
         overrides["build"]["provider"] = args.provider
+    from graphprune.build.sweep import is_sweep, run_sweep, variants
+
+    if is_sweep(args.config):
+        if args.dry_run:
+            output, found = variants(args.config, overrides)
+            for variant in found:
+                console.print(f"{variant.name}: {output / variant.name}", highlight=False)
+            return 0
+        summary = run_sweep(args.config, console=err_console, engine=args.engine, overrides=overrides)
+        for variant in summary["variants"]:
+            console.print(f"{variant['variant']}: " + "; ".join(f"{k} {v:.2f}x" for k, v in
+                                                                variant["comparisons"].items()), highlight=False)
+        return 0
     config = load_config(args.config, overrides)
     unknown = set(args.rerun) - {*MODEL_STAGES, "verify", "bench"}
     if unknown:
@@ -638,7 +654,7 @@ def cmd_calib(args: argparse.Namespace) -> int:
         names = [v.name for v in model_inputs(model.to_onnx())]
         feeds = text_calibration(args.text, args.tokenizer, names, seq=args.seq, samples=args.samples)
     with open(args.output, "wb") as handle:
-        np.savez(handle, **feeds)
+        np.savez(handle, **feeds)  # type: ignore[arg-type]  # numpy's stub mistakes the arrays for allow_pickle
     console.print(f"wrote {args.output}: {', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())}")
     return 0
 
@@ -667,6 +683,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         def show(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, loss=f"{loss:.4g}")
 
+        assert feeds is not None  # --data is a required option
         result = distill(student, teacher, feeds, options, progress=show)
     check = verify_student(student, teacher, feeds)
     save_model(student, args.output)
@@ -698,6 +715,8 @@ def _windows(text: Path | None, tokenizer: str | None, window: int, limit: int |
         if ids.ndim != 2:
             raise CalibrationError(f"{data}: input_ids must be [windows, tokens], got {list(ids.shape)}")
         return ids[:limit] if limit else ids
+    if text is None:
+        raise OptionError("give a text file or an .npz of input_ids")
     if not text.is_file():
         raise CalibrationError(f"text file {text} does not exist")
     if tokenizer is None:
@@ -746,6 +765,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(args.tokenizer)
     if args.prompt is not None:
+        assert tokenizer is not None  # a prompt needs --tokenizer (checked above)
         ids = tokenizer(args.prompt)["input_ids"]
     else:
         try:
@@ -787,9 +807,9 @@ def print_report(report: Report, output: Path) -> None:
     passes = ", ".join(f"{p.name} {p.seconds:.2f}s" for p in report.passes)
     console.print(f"passes: {passes}")
     if report.perplexity:
-        before, after = report.perplexity["dense"], report.perplexity["pruned"]
-        console.print(f"perplexity on {report.perplexity['windows']} held-out windows: {before:.3f} -> {after:.3f} "
-                      f"(x{after / before:.3f})")
+        dense, pruned_ppl = report.perplexity["dense"], report.perplexity["pruned"]
+        console.print(f"perplexity on {report.perplexity['windows']} held-out windows: {dense:.3f} -> "
+                      f"{pruned_ppl:.3f} (x{pruned_ppl / dense:.3f})")
     verdict = "verified (onnx.checker, ORT run, output shapes)" if report.verified else "NOT verified"
     console.print(f"{verdict}; max output change vs input model: {report.max_output_diff or 0:.3g}")
 

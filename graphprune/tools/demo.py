@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ def _predict(model: Model, x: np.ndarray) -> np.ndarray:
 
 def run_demo(out: Path, console: Console, model: str = "minilm", **options) -> dict:
     """Run the demo `model` ("minilm" or "digits") writing models and report.json into `out`."""
-    runner = {"minilm": run_minilm_demo, "digits": run_digits_demo}.get(model)
+    runners: dict[str, Callable[..., dict]] = {"minilm": run_minilm_demo, "digits": run_digits_demo}
+    runner = runners.get(model)
     if runner is None:
         raise OptionError(f"unknown demo model '{model}' (choose minilm or digits)")
     return runner(out, console, **options)

@@ -95,11 +95,14 @@ def export_proto(module: Any, example_inputs: Sequence[Any], input_names: Sequen
                                             output_names=list(output_names or []) or None,
                                             dynamic_shapes=tuple(per_input) if axes else None,
                                             opset_version=opset or DEFAULT_OPSET, verbose=False)
+                if program is None:  # only with an f= path, which is not given
+                    raise ExportError(f"torch.onnx.export (dynamo) returned nothing for {type(module).__name__}")
                 proto = program.model_proto
             else:
                 buffer = io.BytesIO()
                 with _no_ir_dump():
-                    torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
+                    torch.onnx.export(module, args, buffer,  # type: ignore[arg-type]  # a file object works
+                                      dynamo=False, input_names=names,
                                       output_names=list(output_names or []) or None,
                                       dynamic_axes={n: d for n, d in zip(names, per_input, strict=False) if d}
                                       or None, opset_version=opset or TORCHSCRIPT_OPSET)

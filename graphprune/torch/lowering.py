@@ -13,6 +13,7 @@ raises `LoweringError` naming it.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -62,11 +63,11 @@ def lower(model: Model) -> fx.GraphModule:
     for index, const in enumerate(model.constants().values()):
         attr = f"c{index}"
         names[const.name] = attr
-        value = torch.from_numpy(np.array(const.values))
-        if value.is_floating_point() and value.ndim > 0 and id(const) not in exponents:
-            root.register_parameter(attr, nn.Parameter(value))
+        array = torch.from_numpy(np.array(const.values))
+        if array.is_floating_point() and array.ndim > 0 and id(const) not in exponents:
+            root.register_parameter(attr, nn.Parameter(array))
         else:
-            root.register_buffer(attr, value)
+            root.register_buffer(attr, array)
     for tensor in model.graph.inputs:
         if tensor.name not in names:
             env[tensor.name] = graph.placeholder(_identifier(tensor.name))
@@ -77,7 +78,8 @@ def lower(model: Model) -> fx.GraphModule:
             note = f" ({spec.note})" if spec is not None and spec.note else ""
             raise LoweringError(f"cannot lower {node.op} (node '{node.name or '(unnamed)'}'): no lowering rule{note}")
         fn = spec.lowering
-        args, kwargs = [], _attributes(node, spec, opset)
+        args: list[Any] = []
+        kwargs = _attributes(node, spec, opset)
         keywords = spec.keyword_inputs
         for i, tensor in enumerate(node.inputs):
             if tensor is None or not tensor.name:
@@ -102,7 +104,8 @@ def lower(model: Model) -> fx.GraphModule:
     results = [env[t.name] if t.name in env else graph.get_attr(names[t.name]) for t in model.graph.outputs]
     graph.output(results[0] if len(results) == 1 else tuple(results))
     module = fx.GraphModule(root, graph)
-    module.onnx_names = {v: k for k, v in names.items()}  # attribute -> initializer name
+    # attribute -> initializer name (a plain attribute; nn.Module's typing only knows tensors and modules)
+    module.onnx_names = {v: k for k, v in names.items()}  # type: ignore[assignment]
     return module
 
 
@@ -113,7 +116,8 @@ def _identifier(name: str) -> str:
 
 def parameter_names(module: fx.GraphModule) -> dict[str, str]:
     """Parameter attribute -> ONNX initializer name."""
-    return {attr: name for attr, name in module.onnx_names.items()
+    onnx_names: dict[str, str] = vars(module)["onnx_names"]
+    return {attr: name for attr, name in onnx_names.items()
             if isinstance(getattr(module, attr, None), nn.Parameter)}
 
 

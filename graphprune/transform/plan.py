@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ class Plan:
     kept: Mapping[int, np.ndarray]
 
     def removed(self, deps: Dependencies) -> int:
-        return sum(deps.group(gid).units - len(kept) for gid, kept in self.kept.items())
+        return sum(deps.group(gid).unit_count - len(kept) for gid, kept in self.kept.items())
 
 
 #: ONNX Runtime's CPU kernels pack channels in blocks: an odd count such as 47 or 63 runs about
@@ -98,7 +98,8 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
     groups = [g for g in deps.prunable if g.kind not in OPT_IN_KINDS or hidden]
     scores = {g.id: np.asarray(importance.scores[g.id], dtype=np.float64) for g in groups}
 
-    def ratio_of(group: Group) -> float | None:
+    def ratio_of(group: Group) -> float:
+        assert ratio is not None  # asked only under a ratio budget (validate_budget: else a threshold)
         return (kind_ratios or {}).get(group.kind, ratio)
 
     counts: dict[int, int] = {}
@@ -110,18 +111,20 @@ def make_plan(deps: Dependencies, importance: Importance, ratio: float | None = 
     whole: list[tuple[Group, float]] = []  # groups a ratio > 0 leaves whole, with that ratio
     for group in groups:
         values = scores[group.id]
+        units = group.unit_count
         # stable ordering: by score descending, lower index first among equals
         ranking = np.lexsort((np.arange(len(values)), -values))
         if group.id in counts:
             keep = counts[group.id]
         elif ratio is not None:
-            keep = kept_count(group.units, ratio_of(group), round_to, round_mode)
-            if keep == group.units and ratio_of(group) > 0:
+            keep = kept_count(units, ratio_of(group), round_to, round_mode)
+            if keep == units and ratio_of(group) > 0:
                 whole.append((group, ratio_of(group)))
         else:
+            assert threshold is not None  # validate_budget: a threshold where there is no ratio
             # a threshold means "every unit scoring <= EPS": only an explicit round_to rounds it
-            keep = round_up(int(np.count_nonzero(values > threshold)), group.units, round_to or 1)
-        if keep < group.units:
+            keep = round_up(int(np.count_nonzero(values > threshold)), units, round_to or 1)
+        if keep < units:
             kept[group.id] = np.sort(ranking[:keep])
     if warn:
         warn_untouched(whole, round_to, round_mode)
@@ -142,7 +145,7 @@ def warn_untouched(whole: Iterable[tuple[Group, float]], round_to: int | None, r
         return
     counts: dict[tuple, int] = {}
     for group, ratio in whole:
-        key = (group.kind, group.units, ratio, effective_round_to(group.units, round_to))
+        key = (group.kind, group.unit_count, ratio, effective_round_to(group.unit_count, round_to))
         counts[key] = counts.get(key, 0) + 1
     for (kind, units, ratio, step), count in sorted(counts.items()):
         option = {"head": "--head-ratio", "neuron": "--neuron-ratio", "channel": "--channel-ratio"}.get(kind, "--ratio")
@@ -153,18 +156,18 @@ def warn_untouched(whole: Iterable[tuple[Group, float]], round_to: int | None, r
 
 def _equalize(counts: dict[int, int], groups: list[Group]) -> None:
     """Give groups of the same size the same kept count: their mean, rounded (at least 1)."""
-    by_size: dict[int | None, list[Group]] = {}
+    by_size: dict[int, list[Group]] = {}
     for group in groups:
-        by_size.setdefault(group.units, []).append(group)
+        by_size.setdefault(group.unit_count, []).append(group)
     for members in by_size.values():
-        kept = [counts.get(g.id, g.units) for g in members]
+        kept = [counts.get(g.id, g.unit_count) for g in members]
         common = max(1, round(sum(kept) / len(kept)))
         for group in members:
             counts[group.id] = common
 
 
-def _global_counts(groups: list[Group], scores: Mapping[int, np.ndarray], ratio_of, max_group_ratio: float,
-                   round_to: int | None, round_mode: str) -> dict[int, int]:
+def _global_counts(groups: list[Group], scores: Mapping[int, np.ndarray], ratio_of: Callable[[Group], float],
+                   max_group_ratio: float, round_to: int | None, round_mode: str) -> dict[int, int]:
     """Units kept per group when each kind's units compete across groups (see `make_plan`)."""
     counts: dict[int, int] = {}
     by_kind: dict[str, list[Group]] = {}
@@ -176,8 +179,9 @@ def _global_counts(groups: list[Group], scores: Mapping[int, np.ndarray], ratio_
             values = scores[group.id]
             mean = float(np.mean(values)) if np.mean(values) > 0 else 1.0
             pool += [(v / mean, group.id) for v in values]
-        budget = math.floor(sum(g.units for g in members) * ratio_of(members[0]) + 1e-9)
-        removable = {g.id: min(g.units - 1, math.floor(g.units * max_group_ratio + 1e-9)) for g in members}
+        budget = math.floor(sum(g.unit_count for g in members) * ratio_of(members[0]) + 1e-9)
+        removable = {g.id: min(g.unit_count - 1, math.floor(g.unit_count * max_group_ratio + 1e-9))
+                     for g in members}
         removed = dict.fromkeys(removable, 0)
         for _, group_id in sorted(pool, key=lambda item: item[0]):
             if budget == 0:
@@ -186,8 +190,9 @@ def _global_counts(groups: list[Group], scores: Mapping[int, np.ndarray], ratio_
                 removed[group_id] += 1
                 budget -= 1
         for group in members:
-            share = removed[group.id] / group.units
-            counts[group.id] = kept_count(group.units, share, round_to, round_mode) if share else group.units
+            units = group.unit_count
+            share = removed[group.id] / units
+            counts[group.id] = kept_count(units, share, round_to, round_mode) if share else units
     return counts
 
 

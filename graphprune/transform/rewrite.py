@@ -32,13 +32,14 @@ def size_ratios(deps: Dependencies, plan: Plan) -> dict[Slot, Fraction]:
     for slot, segments in deps.segments.items():
         if not any(seg.group in plan.kept for seg in segments):
             continue
-        if all(seg.stop is not None and seg.repeats is not None for seg in segments):
-            old = sum(seg.stop - seg.start for seg in segments)
-            new = sum(len(plan.kept[seg.group]) * seg.unit_len * seg.repeats if seg.group in plan.kept
-                      else seg.stop - seg.start for seg in segments)
+        if all(seg.static for seg in segments):
+            old = sum(seg.length for seg in segments)
+            new = sum(len(plan.kept[seg.group]) * seg.unit_len * seg.repeat_count if seg.group in plan.kept
+                      else seg.length for seg in segments)
             ratios[slot] = Fraction(new, old)
         elif len(segments) == 1:
-            ratios[slot] = Fraction(len(plan.kept[segments[0].group]), deps.group(segments[0].group).units)
+            only = segments[0]
+            ratios[slot] = Fraction(len(plan.kept[only.group]), deps.group(only.group).unit_count)
     return ratios
 
 
@@ -50,10 +51,10 @@ def kept_indices(deps: Dependencies, plan: Plan) -> dict[Slot, np.ndarray]:
     for slot, segments in deps.segments.items():
         if not any(seg.group in plan.kept for seg in segments):
             continue
-        if any(seg.stop is None or seg.repeats is None for seg in segments):
+        if not all(seg.static for seg in segments):
             continue
-        parts = [np.sort(segment_elements(seg.start, plan.kept[seg.group], deps.group(seg.group).units,
-                                          seg.unit_len, seg.repeats))
+        parts = [np.sort(segment_elements(seg.start, plan.kept[seg.group], deps.group(seg.group).unit_count,
+                                          seg.unit_len, seg.repeat_count))
                  if seg.group in plan.kept else np.arange(seg.start, seg.stop) for seg in segments]
         kept[slot] = np.concatenate(parts).astype(np.int64)
     return kept
@@ -72,7 +73,7 @@ def _resize_state(model: Model, kept: dict[Slot, np.ndarray]) -> dict[str, dict[
     return resized
 
 
-def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
+def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, object]:
     """Remove the plan's units from `model` in place; returns counts for the report."""
     kept = kept_indices(deps, plan)
     tensors = model.tensors()
@@ -97,7 +98,7 @@ def apply_plan(model: Model, deps: Dependencies, plan: Plan) -> dict[str, int]:
             spec.fixup(node, ctx)
     model.graph.toposort()  # copied shape chains were appended at the end
     model.infer_shapes()
-    stats = {
+    stats: dict[str, object] = {
         "groups_pruned": len(plan.kept),
         "units_removed": plan.removed(deps),
         "tensors_sliced": sliced,
