@@ -21,14 +21,16 @@ LLAMA = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_atte
          "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64}
 
 
-def llama_folder(folder: Path, seed: int = 0) -> Path:
-    """A Hugging Face folder (config, safetensors weights, tokenizer) of a random small LLaMA."""
+def llama_folder(folder: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """A Hugging Face folder (config, safetensors weights, tokenizer) of a random small LLaMA
+    (`initializer_range`: the weights' standard deviation; larger ones give peaked predictions)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(folder)
+    config = transformers.LlamaConfig(**LLAMA, initializer_range=initializer_range)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, LLAMA["vocab_size"])}
     words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -118,10 +118,10 @@ def test_changing_only_quantize_reruns_only_quantize(resnet_build) -> None:
 
 def test_a_failed_stage_names_itself_and_keeps_earlier_outputs(resnet_build, tmp_path: Path, capsys) -> None:
     overrides = small_resnet(resnet_build.output, data={"evaluation": f"npz:{tmp_path / 'missing.npz'}"})
-    before = sorted(p.name for p in (resnet_build.output / ".stages").iterdir())
+    before = sorted(p.name for p in resnet_build.config.cache.iterdir())
     with pytest.raises(BuildError, match=r"^stage verify failed: calibration file .*missing.npz does not exist$"):
         build(EXAMPLES / "resnet50.toml", overrides)
-    after = sorted(p.name for p in (resnet_build.output / ".stages").iterdir())
+    after = sorted(p.name for p in resnet_build.config.cache.iterdir())
     assert after == before  # earlier stages intact, nothing half-written left
 
 
@@ -134,11 +134,11 @@ def test_dry_run_prints_the_plan_and_runs_nothing(resnet_build, tmp_path: Path, 
     text = text.replace("samples = 64\neval_samples = 64", "samples = 12\neval_samples = 8").replace(
         "samples = 32", "samples = 8").replace("batch = 1\nruns = 20\nrepeats = 3", "batch = 2\nruns = 3\nrepeats = 1\nwarmup = 1")
     config.write_text(text)
-    stages = sorted(p.name for p in (resnet_build.output / ".stages").iterdir())
+    stages = sorted(p.name for p in resnet_build.config.cache.iterdir())
     assert main(["build", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"export\s.*\scached", out) and re.search(r"prune \+ reconstruct\s.*\scached", out)
-    assert sorted(p.name for p in (resnet_build.output / ".stages").iterdir()) == stages
+    assert sorted(p.name for p in resnet_build.config.cache.iterdir()) == stages
     changed = config.with_name("changed.toml")
     changed.write_text(text.replace("ratio = 0.5", "ratio = 0.25"))
     assert main(["build", str(changed), "--dry-run"]) == 0
@@ -213,7 +213,7 @@ def test_recover_distills_the_pruned_model_toward_the_dense_one(resnet_build) ->
     """[recover] distill: a stage of its own between prune and quantize (prune is reused), trained on
     the calibration data; the distillation loss falls."""
     result = build(EXAMPLES / "resnet50.toml", small_resnet(resnet_build.output, recover={
-        "distill": {"epochs": 2, "batch": 4, "lr": 1e-3}}))
+        "distill": {"epochs": 2, "batch": 4, "lr": 1e-4}}))
     assert result.ran[:1] == ["recover"] and "prune" in result.reused and "export" in result.reused
     stats = result.step("recover").stats
     assert stats["loss_after"] < stats["loss_before"] and stats["steps"] == 6
@@ -268,3 +268,83 @@ def test_a_sweep_runs_its_variants_as_ray_tasks_sharing_one_cache(tmp_path: Path
     for name in names:
         report = json.loads((tmp_path / "out" / name / "report.json").read_text())
         assert all(stage["cached"] for stage in report["stages"])
+
+
+#: loads a folder with Optimum's ORTModelForCausalLM and greedily generates (run by the Optimum venv)
+OPTIMUM_GENERATE = """
+import json, sys
+import torch
+from optimum.onnxruntime import ORTModelForCausalLM
+folder, prompt, count = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+model = ORTModelForCausalLM.from_pretrained(folder)
+ids = torch.tensor([prompt])
+out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
+                     do_sample=False)
+print(json.dumps(out[0].tolist()))
+"""
+
+
+def optimum_python() -> str:
+    """The interpreter of the Optimum environment (.ci/setup makes .venv-optimum)."""
+    import os
+
+    found = os.environ.get("GRAPHPRUNE_OPTIMUM_PYTHON") or str(EXAMPLES.parent / ".venv-optimum" / "bin" / "python")
+    if not Path(found).is_file():
+        raise AssertionError(f"no Optimum environment at {found}: run `bash .ci/setup` (or set "
+                             "GRAPHPRUNE_OPTIMUM_PYTHON)")
+    return found
+
+
+def test_decoder_example_small(tmp_path: Path) -> None:
+    """examples/smollm2.toml, small (a random 2-layer LLaMA with grouped-query attention): exported with
+    a KV cache by onnxruntime-genai's builder, FFN pruned, distilled, INT8; perplexity in the
+    quality column; the output folder loads in Optimum's ORTModelForCausalLM and in
+    onnxruntime-genai, and both generate greedily what graphprune's own KV-cache loop generates."""
+    import random
+
+    import graphprune
+    from graphprune.models.genai import llama_folder
+    from graphprune.tools.generate import greedy
+
+    hf = llama_folder(tmp_path / "hf", initializer_range=0.3)  # peaked predictions, something to distill
+    for name, seed in (("calib.txt", 0), ("eval.txt", 1)):  # the tokenizer knows words w3..w99
+        words = random.Random(seed)
+        (tmp_path / name).write_text("\n".join(" ".join(f"w{words.randrange(3, 100)}" for _ in range(20))
+                                               for _ in range(40)))
+    output = tmp_path / "out"
+    result = build(EXAMPLES / "smollm2.toml", {
+        "build": {"output": str(output)}, "source": {"hf": str(hf)},
+        "data": {"calibration": f"text:{tmp_path / 'calib.txt'}", "evaluation": f"text:{tmp_path / 'eval.txt'}",
+                 "samples": 8, "eval_samples": 4, "seq": 16},
+        "prune": {"neuron_ratio": 0.25},  # without the refit, so that distillation has something to recover
+        "recover": {"reconstruct": False, "distill": {"epochs": 2, "batch": 4, "lr": 1e-3, "loss": "kl", "top_k": 16}},
+        "verify": {"max_perplexity_ratio": 2.0}, "bench": SMALL_TIMING})
+    assert result.step("export").stats["kv_cache"]
+    rows = {row["row"]: row for row in result.report["table"]}
+    assert list(rows) == ["dense", "pruned", "distilled", "distilled int8", "dense int8"]
+    assert all(row["metric"] == "perplexity" and row["quality"] > 1 for row in rows.values())
+    stats = result.step("recover").stats
+    assert stats["loss_after"] < stats["loss_before"]
+    config = json.loads((output / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_key_value_heads"], config["head_dim"]) == (96, 2, 16)
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert (output / "genai_config.json").is_file() and (output / "tokenizer.json").is_file()
+    assert not list(output.rglob("*.onnx"))[1:]  # one model in the folder: runtimes search it
+
+    prompt = [5, 17, 23, 42]
+    ours, _ = greedy(graphprune.load_model(output / "model.onnx"), np.array([prompt]), 8)
+    expected = prompt + ours[0].tolist()
+    done = subprocess.run([optimum_python(), "-c", OPTIMUM_GENERATE, str(output), json.dumps(prompt), "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
+    import onnxruntime_genai as og
+
+    model = og.Model(str(output))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(expected), do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert np.asarray(generator.get_sequence(0)).tolist() == expected

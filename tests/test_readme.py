@@ -25,4 +25,6 @@ def test_readme_gives_exactly_two_setup_commands() -> None:
     setup = [b.strip() for b in bash_blocks[:2]]
     assert setup[0].endswith("graphprune demo") and "pytest" in setup[1]
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "python -m pytest -q" in ci and "-c constraints.txt -e '.[test]'" in ci
+    assert setup[1] == "bash .ci/setup && python -m pytest -q"
+    assert "bash .ci/setup" in ci and "python -m pytest -q" in ci
+    assert "-c constraints.txt -e '.[test]'" in (README.parent / ".ci" / "setup").read_text()

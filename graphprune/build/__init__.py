@@ -8,7 +8,7 @@
     result = build("examples/minilm.toml")            # runs, or reuses, every stage
     result.report["comparisons"]                        # pruned vs dense latency ratios, same run
 
-Stages are cached by content hash under `<output>/.stages/`; see README "Deployment builds".
+Stages are cached by content hash in `.<output>.stages/` beside the output folder; see README "Deployment builds".
 """
 
 from __future__ import annotations

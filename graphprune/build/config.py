@@ -25,11 +25,13 @@ MODEL_STAGES = ("export", "prune", "recover", "fuse", "quantize")
 SECTIONS = ("build", "source", "data", *MODEL_STAGES, "verify", "bench", "report")
 
 SOURCE_KINDS = ("onnx", "hf", "factory")
-EXPORTERS = ("dynamo", "torchscript")
-TASKS = ("feature-extraction", "image-classification", "text-generation")
+#: dynamo / torchscript: torch.onnx.export; genai: onnxruntime-genai's model builder (a decoder with a
+#: KV cache, GroupQueryAttention); optimum: `optimum.exporters.onnx` (run by [export] python)
+EXPORTERS = ("dynamo", "torchscript", "genai", "optimum")
+TASKS = ("feature-extraction", "image-classification", "text-generation", "text-generation-with-past")
 QUANT_MODES = ("dynamic", "static")
 QUANT_METHODS = ("minmax", "entropy", "percentile")
-METRICS = ("auto", "cosine", "agreement", "accuracy")
+METRICS = ("auto", "cosine", "agreement", "accuracy", "perplexity")
 PROVIDERS = ("cpu", "cuda")
 DATA_KINDS = ("pydoc", "other-english", "text", "npz", "photos", "digits", "random")
 
@@ -74,9 +76,11 @@ class BuildConfig:
 
     @property
     def cache(self) -> Path:
-        """Where stages keep their results (default <output>/.stages; a sweep's variants share one)."""
+        """Where stages keep their results: beside the output folder (`.<output>.stages`), not in it,
+        which holds only what the runtime loads (Optimum searches it for .onnx files); a sweep's
+        variants share one."""
         given = self["build"]["cache"]
-        return self.output / ".stages" if given is None else self.resolve(given)
+        return self.output.with_name(f".{self.output.name}.stages") if given is None else self.resolve(given)
 
     def resolve(self, value: str | Path) -> Path:
         path = Path(value).expanduser()
@@ -104,7 +108,7 @@ def _defaults() -> dict[str, dict[str, Any]]:
         "build": {"output": None, "cache": None, "provider": "cpu", "seed": 0, "threads": 2, "external_data_mb": 1024},
         "source": {"onnx": None, "hf": None, "factory": None, "kwargs": {}, "tokenizer": None},
         "export": {"exporter": "dynamo", "task": None, "inputs": {}, "dynamic_axes": None, "opset": None,
-                   "example_seq": 16},
+                   "example_seq": 16, "python": None, "precision": "fp32"},
         "data": {"calibration": "random", "evaluation": "random", "samples": 64, "eval_samples": 64,
                  "seq": 128, "labels": None},
         "prune": _prune_keys(),
@@ -112,7 +116,7 @@ def _defaults() -> dict[str, dict[str, Any]]:
         "fuse": {"model_type": None, "opt_level": 0},
         "quantize": {"mode": "dynamic", "per_channel": False, "method": "minmax", "samples": 32,
                      "reduce_range": False},
-        "verify": {"metric": "auto", "min_quality": None},
+        "verify": {"metric": "auto", "min_quality": None, "max_perplexity_ratio": None},
         "bench": {"batch": 1, "runs": 30, "repeats": 3, "warmup": 3, "threads": None},
         "report": {"title": None},
     }
@@ -232,6 +236,12 @@ def _check(config: BuildConfig, name: str) -> None:
         if axes is not None and not (isinstance(axes, list) and all(isinstance(a, int) and a >= 0 for a in axes)):
             raise _fail(name, "export", "dynamic_axes", f"must be a list of axes, e.g. [0, 1], got {axes!r}")
         _check_positive(name, export, "opset", "example_seq")
+        _check_type(name, export, "python", str, "the path of a Python interpreter with optimum-onnx")
+        _check_choice(name, export, "precision", ("fp32", "fp16"))
+        if export["task"] == "text-generation-with-past" and export["exporter"] not in ("genai", "optimum"):
+            raise _fail(name, "export", "task", "a KV-cache export needs exporter = \"genai\" or \"optimum\"")
+        if export["exporter"] in ("genai", "optimum") and given != ["hf"]:
+            raise _fail(name, "export", "exporter", f"{export['exporter']} exports a Hugging Face folder: give [source] hf")
 
     data = config["data"]
     for key in ("calibration", "evaluation"):
@@ -273,6 +283,7 @@ def _check(config: BuildConfig, name: str) -> None:
     verify = config["verify"]
     _check_choice(name, verify, "metric", METRICS)
     _check_type(name, verify, "min_quality", (int, float), "a number")
+    _check_type(name, verify, "max_perplexity_ratio", (int, float), "a number")
     if config.has("bench"):
         _check_positive(name, config["bench"], "batch", "runs", "repeats", "threads")
         _check_type(name, config["bench"], "warmup", int, "a whole number")

@@ -37,6 +37,7 @@ class Data:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None
     description: str  # where it came from, for the report
+    windows: np.ndarray | None = None  # a causal LM's token windows [n, seq] (perplexity)
 
 
 def fingerprint(spec: str, folder: Path) -> str:
@@ -53,10 +54,15 @@ def resolve(argument: str, folder: Path) -> Path:
     return path if path.is_absolute() else folder / path
 
 
-def load_data(spec: str, proto: onnx.ModelProto, samples: int, seq: int, folder: Path, tokenizer: str | None,
-              seed: int = 0, labels: str | None = None) -> Data:
-    """`samples` inputs for the model `proto` from `spec` (see the module doc)."""
+def load_data(spec: str, model: Path, samples: int, seq: int, folder: Path, tokenizer: str | None,
+              seed: int = 0, causal: bool = False) -> Data:
+    """`samples` inputs for the ONNX model at `model` from `spec` (see the module doc). `causal`: the
+    model is a causal LM, so text becomes windows of `seq` tokens cut from one token stream, with
+    empty KV caches where the model has them."""
     kind, _, argument = spec.partition(":")
+    proto = onnx.load(str(model), load_external_data=False)
+    if kind in ("pydoc", "other-english", "text") and causal:
+        return _windows(kind, argument, model, samples, seq, folder, tokenizer)
     if kind in ("pydoc", "other-english", "text"):
         return _text(kind, argument, proto, samples, seq, folder, tokenizer)
     if kind == "npz":
@@ -77,8 +83,8 @@ def _is_text(proto: onnx.ModelProto) -> bool:
     return any(v.name == "input_ids" for v in calib.model_inputs(proto))
 
 
-def _text(kind: str, argument: str, proto: onnx.ModelProto, samples: int, seq: int, folder: Path,
-          tokenizer: str | None) -> Data:
+def _lines(kind: str, argument: str, folder: Path, tokenizer: str | None) -> tuple[list[str], str]:
+    """The text of a spec, line by line, and where it came from."""
     from graphprune.tools import text
 
     if tokenizer is None:
@@ -88,14 +94,31 @@ def _text(kind: str, argument: str, proto: onnx.ModelProto, samples: int, seq: i
         path = resolve(argument, folder)
         if not path.is_file():
             raise CalibrationError(f"text file {path} does not exist")
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        where = path.name
-    else:
-        lines = list(text.english_sentences() if kind == "pydoc" else text.other_sentences())
-        where = "Python's documentation" if kind == "pydoc" else "scikit-learn's data-set descriptions and licences"
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()], path.name
+    if kind == "pydoc":
+        return list(text.english_sentences()), "Python's documentation"
+    return list(text.other_sentences()), "scikit-learn's data-set descriptions and licences"
+
+
+def _windows(kind: str, argument: str, model_path: Path, samples: int, seq: int, folder: Path,
+             tokenizer: str | None) -> Data:
+    from graphprune.ir.model import load_model
+    from graphprune.tools.perplexity import causal_feeds, text_windows
+
+    lines, where = _lines(kind, argument, folder, tokenizer)
+    assert tokenizer is not None  # _lines refuses text without one
+    windows = text_windows(" ".join(lines), calib.load_tokenizer(tokenizer), seq, limit=samples)
+    feeds = causal_feeds(load_model(model_path), windows)
+    return Data(feeds, None, f"{len(windows)} windows of {seq} tokens of {where}", windows)
+
+
+def _text(kind: str, argument: str, proto: onnx.ModelProto, samples: int, seq: int, folder: Path,
+          tokenizer: str | None) -> Data:
+    lines, where = _lines(kind, argument, folder, tokenizer)
     lines = lines[:samples]
     if not lines:
         raise CalibrationError(f"data '{kind}' has no text lines")
+    assert tokenizer is not None  # _lines refuses text without one
     encoded = calib.load_tokenizer(tokenizer)(lines, padding="max_length", truncation=True, max_length=seq,
                                               return_tensors="np")
     names = [v.name for v in calib.model_inputs(proto)]

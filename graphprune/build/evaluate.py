@@ -18,9 +18,11 @@ import onnx
 from graphprune import runtime
 from graphprune.build.stages import StageError
 from graphprune.errors import VerificationError
+from graphprune.ir.model import check_model, first_line
 from graphprune.tools.bench import bench_models, providers_for
 
 if TYPE_CHECKING:
+    from graphprune.build.data import Data
     from graphprune.build.runner import Step
     from graphprune.build.stages import Context
 
@@ -29,8 +31,16 @@ logger = logging.getLogger(__name__)
 CHUNK = 16  # evaluation samples per ORT run
 
 
+def _check(path) -> None:
+    """onnx.checker, with ONNX Runtime's default-domain ops known (SimplifiedLayerNormalization)."""
+    try:
+        check_model(onnx.load(str(path)))
+    except Exception as exc:
+        raise VerificationError(f"{path}: ONNX checker failed: {first_line(exc)}") from exc
+
+
 def _outputs(path, feeds: dict[str, np.ndarray], provider: str, threads: int) -> np.ndarray:
-    onnx.checker.check_model(str(path))
+    _check(path)
     session = runtime.session(onnx.load(str(path)), threads=threads, providers=providers_for(provider))
     names = {i.name for i in session.get_inputs()}
     count = len(next(iter(feeds.values())))
@@ -78,6 +88,8 @@ def verify_all(ctx: Context, models: list[Step]) -> dict[str, Any]:
     build, verify = ctx.config["build"], ctx.config["verify"]
     data = ctx.data("evaluation", ctx.dense)
     provider, threads = build["provider"], build["threads"]
+    if data.windows is not None:
+        return _verify_causal(ctx, models, data)
     reference = _outputs(ctx.dense, data.feeds, provider, threads)
     rows: dict[str, Any] = {"data": data.description, "models": {}}
     candidates = [("dense", ctx.dense)] + [(s.label, s.model) for s in models if s.name != "export"]
@@ -95,6 +107,29 @@ def verify_all(ctx: Context, models: list[Step]) -> dict[str, Any]:
         floor = verify.get("min_quality")
         if floor is not None and label != "dense" and figures[metric] < floor:
             raise VerificationError(f"{label}: {metric} {figures[metric]:.4f} is below [verify] min_quality {floor}")
+    return rows
+
+
+def _verify_causal(ctx: Context, models: list[Step], data: Data) -> dict[str, Any]:
+    """A causal LM: perplexity of every model on the evaluation windows (each window alone, empty
+    KV cache), and its ratio to the dense model's."""
+    from graphprune.ir.model import load_model
+    from graphprune.tools.perplexity import perplexity
+
+    assert ctx.dense is not None and data.windows is not None
+    threads, ceiling = ctx.config["build"]["threads"], ctx.config["verify"]["max_perplexity_ratio"]
+    _check(ctx.dense)
+    dense = perplexity(load_model(ctx.dense), data.windows, threads).perplexity
+    rows: dict[str, Any] = {"data": data.description, "models": {}}
+    for label, path in [("dense", ctx.dense)] + [(s.label, s.model) for s in models if s.name != "export"]:
+        _check(path)
+        value = dense if label == "dense" else perplexity(load_model(path), data.windows, threads).perplexity
+        figures = {"perplexity": value, "perplexity_ratio": value / dense}
+        rows["models"][label] = {"checker": True, "runs": True, "quality": figures, "metric": "perplexity",
+                                 "value": value}
+        if ceiling is not None and label != "dense" and value / dense > ceiling:
+            raise VerificationError(f"{label}: perplexity {value:.3f} is x{value / dense:.3f} the dense model's, "
+                                    f"above [verify] max_perplexity_ratio {ceiling}")
     return rows
 
 

@@ -3,7 +3,7 @@ the others, then write the output folder and the report.
 
 Each stage's key hashes its options, its parent's key and the data it reads (a source's key hashes
 the source's files), so changing one stage reruns it and the stages after it, never those before.
-A stage writes into a temporary folder renamed into `.stages/` only when it succeeded: a failed
+A stage writes into a temporary folder renamed into the cache only when it succeeded: a failed
 stage names itself and leaves every earlier result in place.
 """
 
@@ -312,18 +312,36 @@ def _write_output(ctx: stages.Context, output: Path, final_model: Path, pruned: 
         stale.unlink(missing_ok=True)
     save_model(load_model(final_model), output / stages.MODEL, external=True if large else None)
     written: dict[str, Any] = {"model": stages.MODEL, "external_data": large}
-    folder = ctx.hf_folder
-    if folder is not None and (folder / "config.json").is_file():
-        if pruned is not None and pruned.folder is not None:
-            try:
-                write_config(folder / "config.json", output, json.loads((pruned.folder / "prune-report.json")
-                                                                         .read_text()))
-                written["config"] = "config.json (pruned sizes)"
-            except ConfigError as exc:
-                logger.warning("config.json not written: %s", exc)
-                written["config"] = f"not written: {exc}"
-        else:
-            shutil.copy2(folder / "config.json", output / "config.json")
-            written["config"] = "config.json"
+    report = None if pruned is None or pruned.folder is None else \
+        json.loads((pruned.folder / "prune-report.json").read_text())
+    configs = [] if ctx.hf_folder is None else [ctx.hf_folder / "config.json"]
+    if ctx.dense is not None:  # onnxruntime-genai's builder writes its own config beside the model
+        configs.append(ctx.dense.parent / "genai_config.json")
+    for source in (path for path in configs if path.is_file()):
+        try:
+            target = write_config(source, output, report) if report is not None else \
+                Path(shutil.copy2(source, output / source.name))
+        except ConfigError as exc:
+            logger.warning("%s not written: %s", source.name, exc)
+            written[source.name] = f"not written: {exc}"
+            continue
+        _portable_config(target)
+        written[source.name] = "pruned sizes" if report is not None else "as the source"
     written["tokenizer"] = stages.copy_tokenizer(None if ctx.tokenizer is None else Path(ctx.tokenizer), output)
+    tokenizer_config = output / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        settings = json.loads(tokenizer_config.read_text())
+        if settings.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; older ones read this
+            settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
     return written
+
+
+def _portable_config(path: Path) -> None:
+    """Spell out what older readers (Optimum's transformers 4.x) would otherwise get wrong:
+    `rope_theta` (transformers 5 keeps it only in rope_parameters; 4.x then silently uses 10000)."""
+    config = json.loads(path.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        path.write_text(json.dumps(config, indent=2) + "\n")

@@ -7,6 +7,7 @@ every model. A stage knows nothing of caching: `runner` calls it only when its k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from graphprune.build.config import BuildConfig
 from graphprune.build.data import Data, load_data
@@ -69,10 +69,24 @@ class Context:
         samples = self.config["data"]["samples" if which == "calibration" else "eval_samples"]
         key = (f"{which}:{model}", samples)
         if key not in self._data:
-            self._data[key] = load_data(spec, onnx.load(str(model), load_external_data=False), samples,
-                                        self.config["data"]["seq"], self.config.folder, self.tokenizer,
-                                        seed=self.config["build"]["seed"] + (which == "evaluation"))
+            self._data[key] = load_data(spec, model, samples, self.config["data"]["seq"], self.config.folder,
+                                        self.tokenizer, seed=self.config["build"]["seed"] + (which == "evaluation"),
+                                        causal=self.causal(model))
         return self._data[key]
+
+    def causal(self, model: Path) -> bool:
+        """Whether `model` is a causal LM: its source says so, or it has a KV cache."""
+        export = self.config["export"] if self.config.has("export") else None
+        if export is not None and (export["exporter"] in ("genai", "optimum") or
+                                   (export["task"] or "").startswith("text-generation")):
+            return True
+        folder = self.hf_folder
+        if folder is not None and (folder / "config.json").is_file() and \
+                _task_of(json.loads((folder / "config.json").read_text())) == "text-generation":
+            return True
+        from graphprune.analysis.state import cache_pairs
+
+        return bool(cache_pairs(load_model(model)))
 
 
 # -- export ------------------------------------------------------------------------------------------
@@ -82,7 +96,17 @@ def export(ctx: Context, parent: Path | None, folder: Path) -> dict[str, Any]:
 
     source, options = ctx.config["source"], ctx.config["export"] if ctx.config.has("export") else None
     exporter = options["exporter"] if options else "dynamo"
+    if exporter in ("genai", "optimum"):
+        assert options is not None and ctx.hf_folder is not None  # the config check asks for both
+        _export_decoder(ctx.hf_folder, folder, options)
+        model = load_model(folder / MODEL)
+        return {"exporter": exporter, "inputs": {t.name: list(t.shape) for t in model.graph.inputs
+                                                 if not t.name.startswith("past_key_values")},
+                "kv_cache": any(t.name.startswith("past_key_values") for t in model.graph.inputs)}
     if source.get("factory") is not None:
+        import torch
+
+        torch.manual_seed(ctx.config["build"]["seed"])  # a factory's random weights are part of its content
         module = load_factory(source["factory"])(**source["kwargs"])
         module, example, names = _factory_inputs(module, options)
         axes = options.get("dynamic_axes") if options else None
@@ -96,6 +120,27 @@ def export(ctx: Context, parent: Path | None, folder: Path) -> dict[str, Any]:
                            opset=options.get("opset") if options else None)
     save_model(model, folder / MODEL)
     return {"exporter": exporter, "inputs": {t.name: list(t.shape) for t in model.graph.inputs}}
+
+
+def _export_decoder(hf_folder: Path, folder: Path, options: Any) -> None:
+    """A decoder with a KV cache: onnxruntime-genai's model builder (GroupQueryAttention, genai_config.json
+    beside the model) or Optimum's exporter (`--task text-generation-with-past`), in the interpreter
+    `[export] python` names (Optimum pins its own transformers; keep it in a venv of its own)."""
+    import subprocess
+    import sys
+
+    if options["exporter"] == "genai":
+        from graphprune.models.genai import genai_export
+
+        genai_export(hf_folder, folder, options["precision"])
+        return
+    python = options["python"] or sys.executable
+    task = options["task"] or "text-generation-with-past"
+    command = [python, "-m", "optimum.exporters.onnx", "--model", str(hf_folder), "--task", task, str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not (folder / MODEL).is_file():
+        tail = (done.stderr.strip().splitlines() or ["no model.onnx written"])[-1]
+        raise StageError(f"optimum export with {python} failed: {tail}")
 
 
 def _factory_inputs(module: Any, options: Any) -> tuple[Any, tuple, list[str] | None]:
@@ -284,10 +329,25 @@ def quantize(ctx: Context, parent: Path | None, folder: Path) -> dict[str, Any]:
     prepared = _pre_process(parent, folder / "prepared.onnx", large)
     source = prepared or parent
     try:
-        return _quantize(ctx, source, out, large) | {"pre_processed": prepared is not None}
+        with _without_advice():
+            return _quantize(ctx, source, out, large) | {"pre_processed": prepared is not None}
     finally:
         for scratch in folder.glob("prepared.onnx*"):
             scratch.unlink()
+
+
+@contextlib.contextmanager
+def _without_advice():
+    """Drop the quantizer's advice to pre-process (logged on the root logger): done where it can run."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _pre_process(model: Path, target: Path, large: bool) -> Path | None:
