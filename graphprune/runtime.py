@@ -46,13 +46,22 @@ def sample_inputs(proto: onnx.ModelProto, seed: int = 0, dynamic_dim: int = DEFA
         if value.name in initializers:
             continue
         ttype = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else implied.get(d.dim_param, dynamic_dim)
+        shape = [d.dim_value if d.HasField("dim_value") else _dim_size(d.dim_param, implied, dynamic_dim)
                  for d in ttype.shape.dim]
         if np.prod(shape, dtype=np.float64) > MAX_SAMPLE_ELEMENTS:
             raise VerificationError(f"input '{value.name}' declares shape {shape}: {np.prod(shape, dtype=np.float64):.3g} "
                                     f"elements, too many to run a check with (limit {MAX_SAMPLE_ELEMENTS:,})")
         feeds[value.name] = random_input(rng, value.name, shape, onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
     return feeds
+
+
+def _dim_size(param: str, implied: dict[str, int], dynamic_dim: int) -> int:
+    """A symbolic dim's sample size: implied, or `dynamic_dim`; a sum such as Optimum's
+    `past_sequence_length + sequence_length` (an attention mask over cache and prompt) adds its terms."""
+    if param in implied or "+" not in param:
+        return implied.get(param, dynamic_dim)
+    terms = [term.strip() for term in param.split("+")]
+    return sum(int(term) if term.isdigit() else implied.get(term, dynamic_dim) for term in terms)
 
 
 def random_input(rng: np.random.Generator, name: str, shape, dtype) -> np.ndarray:
@@ -87,6 +96,10 @@ def implied_dims(proto: onnx.ModelProto) -> dict[str, int]:
             if dims is not None and len(dims) == 4 and dims[2].dim_param and node.op_type == "GroupQueryAttention":
                 # a prompt: the past is empty and the attention mask covers the new tokens only
                 implied[dims[2].dim_param] = 0
+    for value in proto.graph.input:  # a cache fed to plain ops (Optimum's Concat): a prompt too
+        dims = value.type.tensor_type.shape.dim
+        if value.name.startswith("past_key_values") and len(dims) == 4 and dims[2].dim_param:
+            implied.setdefault(dims[2].dim_param, 0)
     return implied
 
 

@@ -56,7 +56,7 @@ def test_every_example_config_loads() -> None:
      "c.toml: [quantize] mode: must be one of dynamic, static, got 'int4'"),
     ("[source]\nonnx = 'm.onnx'\n[bench]\nruns = 0\n", "c.toml: [bench] runs: must be at least 1, got 0"),
     ("[source]\nonnx = 'm.onnx'\n[data]\ncalibration = 'imagenet'\n", "c.toml: [data] calibration: must be one of"),
-    ("[source]\nonnx = 'm.onnx'\nhf = 'folder'\n", "c.toml: [source] onnx/hf/factory: give exactly one"),
+    ("[source]\nonnx = 'm.onnx'\nhf = 'folder'\n", "c.toml: [source] onnx/hf/factory/optimum: give exactly one"),
     ("[prune]\nratio = 0.5\n", "c.toml: [source] is missing"),
     ("[source]\nonnx = 'm.onnx'\n[recover]\nreconstruct = true\n", "c.toml: [recover] (section): recovery needs"),
     ("[source]\nonnx = 'm.onnx'\n[recover]\ndistill = { epoch = 2 }\n[prune]\nratio = 0.5\n",
@@ -348,3 +348,62 @@ def test_decoder_example_small(tmp_path: Path) -> None:
     while not generator.is_done():
         generator.generate_next_token()
     assert np.asarray(generator.get_sequence(0)).tolist() == expected
+
+
+def test_provider_cuda_reaches_the_stages_that_run_models(resnet_build, caplog) -> None:
+    """--provider cuda: bench asks ONNX Runtime for CUDA; this CPU-only onnxruntime falls back to the
+    CPU with a warning (so the figures say which provider ran them)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="graphprune"):
+        result = build(EXAMPLES / "resnet50.toml", small_resnet(resnet_build.output, build={"provider": "cuda"}))
+    assert result.report["provider"] == "cuda" and result.ran == ["verify", "bench"]
+    assert any("no CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
+    assert {m["provider"] for m in result.step("bench").stats["models"].values()} == {"CPUExecutionProvider"}
+
+
+def test_optimum_exports_and_optimum_folders(tmp_path: Path) -> None:
+    """[export] exporter = "optimum" runs Optimum's exporter in its own interpreter (a KV-cache
+    decoder as Optimum writes it); that export folder is in turn a `[source] optimum`."""
+    from graphprune.models.genai import llama_folder
+
+    hf = llama_folder(tmp_path / "hf", initializer_range=0.3)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(f"w{3 + (i * 7 + j) % 97}" for j in range(20)) for i in range(40)))
+    common = f"""
+[data]
+calibration = "text:{text}"
+evaluation = "text:{text}"
+samples = 4
+eval_samples = 2
+seq = 16
+[prune]
+ratio = 0.0
+neuron_ratio = 0.25
+"""
+    exported = tmp_path / "exported.toml"
+    exported.write_text(f"""[build]
+output = "{tmp_path / 'a'}"
+[source]
+hf = "{hf}"
+[export]
+exporter = "optimum"
+python = "{optimum_python()}"
+""" + common)
+    first = build(exported)
+    export = first.step("export")
+    assert export.stats["kv_cache"] and (export.model.parent / "config.json").is_file()
+    rows = {row["row"]: row for row in first.report["table"]}
+    assert rows["dense"]["metric"] == "perplexity" and rows["pruned"]["quality"] > 1
+    folder = tmp_path / "optimum-folder"
+    shutil.copytree(export.model.parent, folder)
+    again = tmp_path / "folder.toml"
+    again.write_text(f"""[build]
+output = "{tmp_path / 'b'}"
+[source]
+optimum = "{folder}"
+""" + common)
+    second = build(again)
+    assert second.ran[0] == "prune" and second.report["table"][0]["stage"] == "source"
+    assert second.report["table"][1]["quality"] == pytest.approx(rows["pruned"]["quality"])
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["intermediate_size"] == 96

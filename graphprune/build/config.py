@@ -24,7 +24,9 @@ MODEL_STAGES = ("export", "prune", "recover", "fuse", "quantize")
 #: every section a config may have
 SECTIONS = ("build", "source", "data", *MODEL_STAGES, "verify", "bench", "report")
 
-SOURCE_KINDS = ("onnx", "hf", "factory")
+#: onnx: a file; hf: a Hugging Face model folder; factory: MODULE:FUNCTION giving a torch module;
+#: optimum: an Optimum export folder (model.onnx beside config.json and the tokenizer)
+SOURCE_KINDS = ("onnx", "hf", "factory", "optimum")
 #: dynamo / torchscript: torch.onnx.export; genai: onnxruntime-genai's model builder (a decoder with a
 #: KV cache, GroupQueryAttention); optimum: `optimum.exporters.onnx` (run by [export] python)
 EXPORTERS = ("dynamo", "torchscript", "genai", "optimum")
@@ -106,7 +108,7 @@ DISTILL_KEYS = ("epochs", "lr", "batch", "loss", "temperature", "top_k", "hidden
 def _defaults() -> dict[str, dict[str, Any]]:
     return {
         "build": {"output": None, "cache": None, "provider": "cpu", "seed": 0, "threads": 2, "external_data_mb": 1024},
-        "source": {"onnx": None, "hf": None, "factory": None, "kwargs": {}, "tokenizer": None},
+        "source": {"onnx": None, "hf": None, "factory": None, "optimum": None, "kwargs": {}, "tokenizer": None},
         "export": {"exporter": "dynamo", "task": None, "inputs": {}, "dynamic_axes": None, "opset": None,
                    "example_seq": 16, "python": None, "precision": "fp32"},
         "data": {"calibration": "random", "evaluation": "random", "samples": 64, "eval_samples": 64,
@@ -162,7 +164,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> BuildConfig:
                 raise ConfigKeyError(f"{name}: [{section}] unknown key '{key}' (keys: {', '.join(known)})")
         sections[section] = Section(section, known | values, frozenset(values))
     if "source" not in sections:
-        raise ConfigKeyError(f"{name}: [source] is missing: give onnx, hf or factory")
+        raise ConfigKeyError(f"{name}: [source] is missing: give onnx, hf, factory or optimum")
     for always in ("build", "data", "verify", "report"):
         sections.setdefault(always, Section(always, defaults[always]))
     if sections["build"]["output"] is None:
@@ -211,8 +213,8 @@ def _check(config: BuildConfig, name: str) -> None:
     source = config["source"]
     given = [kind for kind in SOURCE_KINDS if source.get(kind) is not None]
     if len(given) != 1:
-        raise _fail(name, "source", "onnx/hf/factory",
-                    f"give exactly one of onnx, hf, factory (got {', '.join(given) or 'none'})")
+        raise _fail(name, "source", "onnx/hf/factory/optimum",
+                    f"give exactly one of onnx, hf, factory, optimum (got {', '.join(given) or 'none'})")
     for key in (*SOURCE_KINDS, "tokenizer"):
         value = source.get(key)
         if value is not None and not isinstance(value, str) and not (isinstance(value, dict) and
@@ -224,7 +226,7 @@ def _check(config: BuildConfig, name: str) -> None:
 
     if config.has("export"):
         export = config["export"]
-        if given == ["onnx"]:
+        if given in (["onnx"], ["optimum"]):
             raise _fail(name, "export", "(section)", "the source is already ONNX; remove [export]")
         _check_choice(name, export, "exporter", EXPORTERS)
         _check_choice(name, export, "task", TASKS)

@@ -118,12 +118,14 @@ def _verify_causal(ctx: Context, models: list[Step], data: Data) -> dict[str, An
 
     assert ctx.dense is not None and data.windows is not None
     threads, ceiling = ctx.config["build"]["threads"], ctx.config["verify"]["max_perplexity_ratio"]
+    providers = providers_for(ctx.config["build"]["provider"])
     _check(ctx.dense)
-    dense = perplexity(load_model(ctx.dense), data.windows, threads).perplexity
+    dense = perplexity(load_model(ctx.dense), data.windows, threads, providers=providers).perplexity
     rows: dict[str, Any] = {"data": data.description, "models": {}}
     for label, path in [("dense", ctx.dense)] + [(s.label, s.model) for s in models if s.name != "export"]:
         _check(path)
-        value = dense if label == "dense" else perplexity(load_model(path), data.windows, threads).perplexity
+        value = dense if label == "dense" else \
+            perplexity(load_model(path), data.windows, threads, providers=providers).perplexity
         figures = {"perplexity": value, "perplexity_ratio": value / dense}
         rows["models"][label] = {"checker": True, "runs": True, "quality": figures, "metric": "perplexity",
                                  "value": value}

@@ -31,7 +31,7 @@ def build_report(config: BuildConfig, ctx: Context, steps: list[Step], written: 
         timing = bench.get("models", {}).get(label, {})
         checked = verify.get("models", {}).get(label, {})
         path = ctx.dense if step is None else step.model
-        rows.append({"row": label, "stage": "source" if step is None and ctx.config["source"].get("onnx")
+        rows.append({"row": label, "stage": "source" if step is None and ctx.source_model() is not None
                      else "export" if step is None else step.name,
                      "reference": bool(step and step.reference), "params": _params(path),
                      "macs": timing.get("macs"), "file_bytes": timing.get("file_bytes", _file_bytes(path)),

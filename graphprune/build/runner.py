@@ -108,10 +108,13 @@ def source_key(ctx: stages.Context) -> str:
         if not path.is_file():
             raise BuildError(f"[source] onnx: {path} does not exist")
         return _hash("onnx", sorted(_file_hash(p) for p in model_files(path) if p.is_file()))
-    if source.get("hf") is not None:
+    if source.get("hf") is not None or source.get("optimum") is not None:
         folder = ctx.hf_folder
+        kind = "hf" if source.get("hf") is not None else "optimum"
         if folder is None or not (folder / "config.json").is_file():
-            raise BuildError(f"[source] hf: {folder} is not a Hugging Face model folder (no config.json)")
+            raise BuildError(f"[source] {kind}: {folder} is not a Hugging Face or Optimum folder (no config.json)")
+        if kind == "optimum":
+            ctx.source_model()  # names a folder without its model
         files = sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
         return _hash("hf", [(str(p.relative_to(folder)), _file_hash(p)) for p in files])
     import importlib.util
@@ -131,7 +134,7 @@ def plan(config: BuildConfig) -> tuple[stages.Context, list[Step]]:
     steps: list[Step] = []
     root = source_key(ctx)
     parent: Step | None = None
-    if config["source"].get("onnx") is None:
+    if ctx.source_model() is None:
         parent = Step("export", "dense", _hash("export", root, _options(config, "export")))
         steps.append(parent)
     dense = parent
@@ -160,7 +163,8 @@ def plan(config: BuildConfig) -> tuple[stages.Context, list[Step]]:
                 steps.append(reference)
     models = [s.key for s in steps]
     evaluation = (fingerprint(data["evaluation"], config.folder), data["eval_samples"], data["seq"])
-    steps.append(Step("verify", "verify", _hash("verify", root, models, evaluation, _options(config, "verify"))))
+    steps.append(Step("verify", "verify", _hash("verify", root, models, evaluation, _options(config, "verify"),
+                                                config["build"]["provider"])))
     if config.has("bench"):
         steps.append(Step("bench", "bench", _hash("bench", root, models, evaluation, _options(config, "bench"),
                                                   config["build"]["provider"], config["build"]["threads"])))
@@ -211,8 +215,7 @@ def run_build(config: BuildConfig, console: Console | None = None, rerun: frozen
     output = config.output
     cache = config.cache
     cache.mkdir(parents=True, exist_ok=True)
-    source = config["source"]
-    ctx.dense = Path(ctx.value_of(source["onnx"])) if source.get("onnx") is not None else None
+    ctx.dense = ctx.source_model()
     for step in steps:
         step.folder = cache / f"{step.name}-{step.key}"
         record = step.folder / "stage.json"
@@ -328,12 +331,7 @@ def _write_output(ctx: stages.Context, output: Path, final_model: Path, pruned: 
         _portable_config(target)
         written[source.name] = "pruned sizes" if report is not None else "as the source"
     written["tokenizer"] = stages.copy_tokenizer(None if ctx.tokenizer is None else Path(ctx.tokenizer), output)
-    tokenizer_config = output / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        settings = json.loads(tokenizer_config.read_text())
-        if settings.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; older ones read this
-            settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-            tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")
+    stages.portable_tokenizer(output)
     return written
 
 

@@ -45,8 +45,22 @@ class Context:
 
     @property
     def hf_folder(self) -> Path | None:
-        value = self.config["source"].get("hf")
+        """The folder with config.json and the tokenizer: a Hugging Face model's, or an Optimum export's."""
+        source = self.config["source"]
+        value = source.get("hf") if source.get("hf") is not None else source.get("optimum")
         return None if value is None else Path(self.value_of(value))
+
+    def source_model(self) -> Path | None:
+        """The source's ONNX model (an ONNX or Optimum source; None where the build exports one)."""
+        source = self.config["source"]
+        if source.get("onnx") is not None:
+            return Path(self.value_of(source["onnx"]))
+        if source.get("optimum") is not None:
+            folder = Path(self.value_of(source["optimum"]))
+            if not (folder / MODEL).is_file():
+                raise StageError(f"[source] optimum: {folder} has no {MODEL}")
+            return folder / MODEL
+        return None
 
     @property
     def tokenizer(self) -> str | None:
@@ -141,6 +155,9 @@ def _export_decoder(hf_folder: Path, folder: Path, options: Any) -> None:
     if done.returncode != 0 or not (folder / MODEL).is_file():
         tail = (done.stderr.strip().splitlines() or ["no model.onnx written"])[-1]
         raise StageError(f"optimum export with {python} failed: {tail}")
+    if not (folder / "tokenizer_config.json").is_file():  # an older transformers could not read it
+        copy_tokenizer(hf_folder, folder)
+        portable_tokenizer(folder)
 
 
 def _factory_inputs(module: Any, options: Any) -> tuple[Any, tuple, list[str] | None]:
@@ -403,6 +420,17 @@ class _Reader:
 
 #: the model stages: name -> function
 MODEL_STAGE_FUNCTIONS = {"export": export, "prune": prune, "recover": recover, "fuse": fuse, "quantize": quantize}
+
+
+def portable_tokenizer(folder: Path) -> None:
+    """Name the tokenizer class as transformers 4.x knows it (5 writes `TokenizersBackend`), so that
+    Optimum's environment reads the folder too."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        settings = json.loads(path.read_text())
+        if settings.get("tokenizer_class") == "TokenizersBackend":
+            settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def copy_tokenizer(source: Path | None, target: Path) -> list[str]:

@@ -82,11 +82,13 @@ def causal_feeds(model: Model, ids: np.ndarray, implied: dict[str, int] | None =
 
 
 def perplexity(model: Model, windows: np.ndarray, threads: int = 2,
-               progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """Perplexity of `model` over token `windows` [n, length] (see the module doc)."""
+               progress: Callable[[int, int], None] | None = None,
+               providers: list[str] | None = None) -> Perplexity:
+    """Perplexity of `model` over token `windows` [n, length] (see the module doc), on ORT's
+    `providers` (default: the CPU)."""
     proto = model.to_onnx()
     implied = runtime.implied_dims(proto)
-    session = runtime.session(proto, threads=threads)
+    session = runtime.session(proto, threads=threads, providers=providers)
     outputs = [o.name for o in session.get_outputs()]
     logits_name = "logits" if "logits" in outputs else outputs[0]
     total, scored = 0.0, 0
