@@ -42,7 +42,7 @@ def resnet_build(tmp_path_factory: pytest.TempPathFactory):
 
 def test_every_example_config_loads() -> None:
     names = sorted(p.name for p in EXAMPLES.glob("*.toml"))
-    assert names == ["minilm.toml", "resnet50.toml"]
+    assert names == ["minilm.toml", "resnet50.toml", "smollm2.toml"]
     for name in names:
         config = load_config(EXAMPLES / name)
         assert config.output.parent == EXAMPLES
