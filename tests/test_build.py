@@ -407,3 +407,11 @@ optimum = "{folder}"
     assert second.ran[0] == "prune" and second.report["table"][0]["stage"] == "source"
     assert second.report["table"][1]["quality"] == pytest.approx(rows["pruned"]["quality"])
     assert json.loads((tmp_path / "b" / "config.json").read_text())["intermediate_size"] == 96
+
+
+def test_the_shipped_model_must_meet_the_quality_floor(resnet_build) -> None:
+    """[verify] min_quality judges the model the build ships (the last of the pruned chain) and names
+    it; the cache keeps every model stage."""
+    with pytest.raises(BuildError, match=r"^stage verify failed: pruned int8: agreement [0-9.]+ is below "
+                                         r"\[verify\] min_quality 1.01$"):
+        build(EXAMPLES / "resnet50.toml", small_resnet(resnet_build.output, verify={"min_quality": 1.01}))

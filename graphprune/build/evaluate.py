@@ -92,6 +92,7 @@ def verify_all(ctx: Context, models: list[Step]) -> dict[str, Any]:
         return _verify_causal(ctx, models, data)
     reference = _outputs(ctx.dense, data.feeds, provider, threads)
     rows: dict[str, Any] = {"data": data.description, "models": {}}
+    final = _final(models)
     candidates = [("dense", ctx.dense)] + [(s.label, s.model) for s in models if s.name != "export"]
     for label, path in candidates:
         got = reference if label == "dense" else _outputs(path, data.feeds, provider, threads)
@@ -105,9 +106,16 @@ def verify_all(ctx: Context, models: list[Step]) -> dict[str, Any]:
         rows["models"][label] = {"checker": True, "runs": True, "output_shape": list(got.shape),
                                  "quality": figures, "metric": metric, "value": figures[metric]}
         floor = verify.get("min_quality")
-        if floor is not None and label != "dense" and figures[metric] < floor:
+        if floor is not None and label == final and figures[metric] < floor:
             raise VerificationError(f"{label}: {metric} {figures[metric]:.4f} is below [verify] min_quality {floor}")
     return rows
+
+
+def _final(models: list[Step]) -> str | None:
+    """The label of the model the build ships (the last one made from the pruned chain): the one
+    [verify] min_quality / max_perplexity_ratio judge; intermediate ones are reported only."""
+    chain = [s.label for s in models if not s.reference and s.name != "export"]
+    return chain[-1] if chain else None
 
 
 def _verify_causal(ctx: Context, models: list[Step], data: Data) -> dict[str, Any]:
@@ -122,6 +130,7 @@ def _verify_causal(ctx: Context, models: list[Step], data: Data) -> dict[str, An
     _check(ctx.dense)
     dense = perplexity(load_model(ctx.dense), data.windows, threads, providers=providers).perplexity
     rows: dict[str, Any] = {"data": data.description, "models": {}}
+    final = _final(models)
     for label, path in [("dense", ctx.dense)] + [(s.label, s.model) for s in models if s.name != "export"]:
         _check(path)
         value = dense if label == "dense" else \
@@ -129,7 +138,7 @@ def _verify_causal(ctx: Context, models: list[Step], data: Data) -> dict[str, An
         figures = {"perplexity": value, "perplexity_ratio": value / dense}
         rows["models"][label] = {"checker": True, "runs": True, "quality": figures, "metric": "perplexity",
                                  "value": value}
-        if ceiling is not None and label != "dense" and value / dense > ceiling:
+        if ceiling is not None and label == final and value / dense > ceiling:
             raise VerificationError(f"{label}: perplexity {value:.3f} is x{value / dense:.3f} the dense model's, "
                                     f"above [verify] max_perplexity_ratio {ceiling}")
     return rows

@@ -252,7 +252,8 @@ def _run_step(ctx: stages.Context, steps: list[Step], step: Step, cache: Path, c
     what = step.label if step.makes_model else step.name
     start = time.perf_counter()
     try:
-        with progress.status(console, f"stage {step.name}: {what}"):
+        with progress.status(console, f"stage {step.name}: {what}") as status:
+            ctx.show = lambda text: status.update(f"stage {step.name}: {what}: {text}")
             if step.makes_model:
                 parent = step.parent.model if step.parent else ctx.dense
                 ctx.prune_report = _prune_report(step)

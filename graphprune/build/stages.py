@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class Context:
     config: BuildConfig
     dense: Path | None = None  # the exported (or given) ONNX model
     prune_report: Path | None = None  # the prune stage's report, for a stage that reads a pruned model
+    show: Callable[[str], None] = lambda text: None  # a running stage's progress line
     _data: dict[tuple[str, int], Data] = field(default_factory=dict)
 
     @property
@@ -257,11 +259,15 @@ def prune(ctx: Context, parent: Path | None, folder: Path) -> dict[str, Any]:
     calibration = ctx.data("calibration", parent) if needs_data else None
     feeds = None if calibration is None else calibration.feeds
     labels = None if calibration is None else calibration.labels
+    def show(name: str, index: int, total: int) -> None:
+        ctx.show(f"pass {index + 1}/{total}: {name}")
+
     if pipeline is not None:
-        report = api.prune(model, pipeline, calibration=feeds, labels=labels, seed=ctx.config["build"]["seed"])
+        report = api.prune(model, pipeline, calibration=feeds, labels=labels, seed=ctx.config["build"]["seed"],
+                           progress=show)
     else:
         report = api.prune(model, calibration=feeds, labels=labels, reconstruct=reconstruct,
-                           seed=ctx.config["build"]["seed"], **options)
+                           seed=ctx.config["build"]["seed"], progress=show, **options)
     save_model(model, folder / MODEL)
     (folder / "prune-report.json").write_text(json.dumps(report.to_json(), indent=1))
     return {"params_before": report.params_before, "params_after": report.params_after,
@@ -277,7 +283,8 @@ def recover(ctx: Context, parent: Path | None, folder: Path) -> dict[str, Any]:
     student, teacher = load_model(parent), load_model(ctx.dense)
     calibration = ctx.data("calibration", ctx.dense)
     options = DistillOptions(**ctx.config["recover"]["distill"], seed=ctx.config["build"]["seed"])
-    result = distill(student, teacher, calibration.feeds, options)
+    result = distill(student, teacher, calibration.feeds, options,
+                     progress=lambda step, total, loss: ctx.show(f"step {step}/{total}, loss {loss:.4g}"))
     verify_student(student, teacher, calibration.feeds)
     save_model(student, folder / MODEL)
     return result.to_json() | {"data": calibration.description}

@@ -60,19 +60,21 @@ def variants(path: str | Path, overrides: dict[str, dict[str, Any]] | None = Non
     for key, values in vary.items():
         if key.count(".") != 1 or not isinstance(values, list) or not values:
             raise ConfigKeyError(f"{name}: [sweep] vary.{key}: must be \"section.key\" = [values]")
-    base = parse_config(copy.deepcopy(raw), path)  # the output folder, and a first check
-    output = base.output
+    combinations = [dict(zip(vary, combination, strict=True)) for combination in itertools.product(*vary.values())]
+    output: Path | None = None
     found = []
-    for combination in itertools.product(*vary.values()):
-        values = dict(zip(vary, combination, strict=True))
+    for values in combinations:
         label = ",".join(f"{key.split('.')[1]}={value}" for key, value in values.items())
         variant = copy.deepcopy(raw)
         for key, value in values.items():
             section, option = key.split(".")
             variant.setdefault(section, {})[option] = value
+        if output is None:  # the sweep's folder: [build] output of the config, as a variant reads it
+            output = parse_config(copy.deepcopy(variant), path).output
         variant.setdefault("build", {}).update({"output": str(output / label), "cache": str(output / ".stages")})
         parse_config(copy.deepcopy(variant), path)  # names a bad key before anything runs
         found.append(Variant(label, values, variant))
+    assert output is not None  # vary is a non-empty table of non-empty lists
     return output, found
 
 
