@@ -53,7 +53,7 @@ def test_every_example_config_loads() -> None:
      "c.toml: [prune] unknown key 'ratoi' (keys: ratio, threshold, importance,"),
     ("[source]\nonnx = 'm.onnx'\n[prune]\nratio = 1.5\n", "c.toml: [prune] ratio: "),
     ("[source]\nonnx = 'm.onnx'\n[quantize]\nmode = 'int4'\n",
-     "c.toml: [quantize] mode: must be one of dynamic, static, got 'int4'"),
+     "c.toml: [quantize] mode: must be one of dynamic, static, weight-only, got 'int4'"),
     ("[source]\nonnx = 'm.onnx'\n[bench]\nruns = 0\n", "c.toml: [bench] runs: must be at least 1, got 0"),
     ("[source]\nonnx = 'm.onnx'\n[data]\ncalibration = 'imagenet'\n", "c.toml: [data] calibration: must be one of"),
     ("[source]\nonnx = 'm.onnx'\nhf = 'folder'\n", "c.toml: [source] onnx/hf/factory/optimum: give exactly one"),
@@ -329,6 +329,7 @@ def test_decoder_example_small(tmp_path: Path) -> None:
     assert (config["intermediate_size"], config["num_key_value_heads"], config["head_dim"]) == (96, 2, 16)
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     assert (output / "genai_config.json").is_file() and (output / "tokenizer.json").is_file()
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids", "attention_mask"]
     assert not list(output.rglob("*.onnx"))[1:]  # one model in the folder: runtimes search it
 
     prompt = [5, 17, 23, 42]

@@ -31,7 +31,10 @@ SOURCE_KINDS = ("onnx", "hf", "factory", "optimum")
 #: KV cache, GroupQueryAttention); optimum: `optimum.exporters.onnx` (run by [export] python)
 EXPORTERS = ("dynamo", "torchscript", "genai", "optimum")
 TASKS = ("feature-extraction", "image-classification", "text-generation", "text-generation-with-past")
-QUANT_MODES = ("dynamic", "static")
+#: dynamic: INT8 weights and run-time activation scales (MatMulInteger); static: QDQ INT8 with calibrated
+#: activation ranges; weight-only: MatMulNBits (8- or 4-bit weights in blocks, activations stay float:
+#: what LLM deployments run)
+QUANT_MODES = ("dynamic", "static", "weight-only")
 QUANT_METHODS = ("minmax", "entropy", "percentile")
 METRICS = ("auto", "cosine", "agreement", "accuracy", "perplexity")
 PROVIDERS = ("cpu", "cuda")
@@ -117,7 +120,7 @@ def _defaults() -> dict[str, dict[str, Any]]:
         "recover": {"reconstruct": False, "distill": None},
         "fuse": {"model_type": None, "opt_level": 0},
         "quantize": {"mode": "dynamic", "per_channel": False, "method": "minmax", "samples": 32,
-                     "reduce_range": False},
+                     "reduce_range": False, "bits": 8, "block_size": 32},
         "verify": {"metric": "auto", "min_quality": None, "max_perplexity_ratio": None},
         "bench": {"batch": 1, "runs": 30, "repeats": 3, "warmup": 3, "threads": None},
         "report": {"title": None},
@@ -281,7 +284,9 @@ def _check(config: BuildConfig, name: str) -> None:
         _check_choice(name, quantize, "method", QUANT_METHODS)
         _check_type(name, quantize, "per_channel", bool, "true or false")
         _check_type(name, quantize, "reduce_range", bool, "true or false")
-        _check_positive(name, quantize, "samples")
+        _check_positive(name, quantize, "samples", "block_size")
+        if quantize["bits"] not in (4, 8):
+            raise _fail(name, "quantize", "bits", f"must be 4 or 8 (weight-only), got {quantize['bits']!r}")
     verify = config["verify"]
     _check_choice(name, verify, "metric", METRICS)
     _check_type(name, verify, "min_quality", (int, float), "a number")

@@ -73,7 +73,7 @@ def _file_bytes(path: Path | None) -> int | None:
 
 
 def _form(row: str) -> str:
-    return "int8" if row.endswith("int8") else "fused" if row.endswith("fused") else "plain"
+    return row.rsplit(" ", 1)[-1] if row.endswith(("int8", "int4", "fused")) else "plain"
 
 
 def _comparisons(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -153,6 +153,8 @@ def render_html(report: dict[str, Any], output: Path) -> str:
     body = []
     for r in report["table"]:
         quality = "–" if r["quality"] is None else f"{r['metric']} {r['quality']:.4f}"
+        others = {k: v for k, v in (r["quality_all"] or {}).items() if k != r["metric"]}
+        extra = "".join(f" <span class=dim>{esc(k)} {v:.3f}</span>" for k, v in others.items())
         spread = ""
         if r["speedup_rounds"]:
             spread = f" <span class=dim>({min(r['speedup_rounds']):.2f}–{max(r['speedup_rounds']):.2f})</span>"
@@ -160,7 +162,7 @@ def render_html(report: dict[str, Any], output: Path) -> str:
                     f"<td>{esc(r['stage'])}</td><td>{_number(r['params'], ',')}</td><td>{_number(r['macs'], ',')}</td>"
                     f"<td>{_number(r['file_bytes'] and r['file_bytes'] / 1e6, '.2f')}</td>"
                     f"<td>{_number(r['latency_ms'], '.2f')}</td><td>{_number(r['speedup'], '.2f')}{spread}</td>"
-                    f"<td>{esc(quality)}</td></tr>")
+                    f"<td>{esc(quality)}{extra}</td></tr>")
     stage_rows = "".join(
         f"<tr><td>{esc(s['stage'])}</td><td>{esc(s['row'])}</td><td><code>{esc(s['key'])}</code></td>"
         f"<td>{'cached' if s['cached'] else 'ran'}</td><td>{s['seconds']:.1f}</td>"

@@ -157,8 +157,8 @@ def plan(config: BuildConfig) -> tuple[stages.Context, list[Step]]:
                 uses_data = name == "quantize" and options["mode"] == "static"
                 key = _hash(name, reference.key if reference else root, options,
                             calibration if uses_data else None, seed)
-                label = "dense " + LABELS[name] if reference is None or reference is dense else \
-                    reference.label + " " + LABELS[name]
+                label = "dense " + _suffix(config, name) if reference is None or reference is dense else \
+                    reference.label + " " + _suffix(config, name)
                 reference = Step(name, label, key, reference, reference=True)
                 steps.append(reference)
     models = [s.key for s in steps]
@@ -177,7 +177,14 @@ def _options(config: BuildConfig, name: str) -> dict[str, Any]:
 
 def _label(config: BuildConfig, name: str, parent: Step | None) -> str:
     if name in ("fuse", "quantize"):
-        return f"{parent.label if parent else 'dense'} {LABELS[name]}"
+        return f"{parent.label if parent else 'dense'} {_suffix(config, name)}"
+    return LABELS[name]
+
+
+def _suffix(config: BuildConfig, name: str) -> str:
+    """What a fuse or quantize stage adds to a row's label: fused, int8, or int4 (4-bit weights)."""
+    if name == "quantize" and config["quantize"]["mode"] == "weight-only" and config["quantize"]["bits"] == 4:
+        return "int4"
     return LABELS[name]
 
 
@@ -332,7 +339,7 @@ def _write_output(ctx: stages.Context, output: Path, final_model: Path, pruned: 
         _portable_config(target)
         written[source.name] = "pruned sizes" if report is not None else "as the source"
     written["tokenizer"] = stages.copy_tokenizer(None if ctx.tokenizer is None else Path(ctx.tokenizer), output)
-    stages.portable_tokenizer(output)
+    stages.portable_tokenizer(output, causal=ctx.causal(final_model))
     return written
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from graphprune.build.config import BuildConfig
 from graphprune.build.data import Data, load_data
@@ -159,7 +160,7 @@ def _export_decoder(hf_folder: Path, folder: Path, options: Any) -> None:
         raise StageError(f"optimum export with {python} failed: {tail}")
     if not (folder / "tokenizer_config.json").is_file():  # an older transformers could not read it
         copy_tokenizer(hf_folder, folder)
-        portable_tokenizer(folder)
+        portable_tokenizer(folder, causal=True)
 
 
 def _factory_inputs(module: Any, options: Any) -> tuple[Any, tuple, list[str] | None]:
@@ -350,7 +351,8 @@ def quantize(ctx: Context, parent: Path | None, folder: Path) -> dict[str, Any]:
     assert parent is not None
     out = folder / MODEL
     large = _large(parent)
-    prepared = _pre_process(parent, folder / "prepared.onnx", large)
+    activations = ctx.config["quantize"]["mode"] != "weight-only"  # pre-processing serves activation ranges
+    prepared = _pre_process(parent, folder / "prepared.onnx", large) if activations else None
     source = prepared or parent
     try:
         with _without_advice():
@@ -397,6 +399,19 @@ def _quantize(ctx: Context, parent: Path, out: Path, large: bool) -> dict[str, A
     )
 
     options = ctx.config["quantize"]
+    if options["mode"] == "weight-only":
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        bits, block = options["bits"], options["block_size"]
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(parent)), bits=bits, block_size=block, is_symmetric=True,
+                                         algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
+                                                                                  bits=bits))
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=large)
+        return {"mode": "weight-only", "weights": f"int{bits}, blocks of {block}"}
     if options["mode"] == "dynamic":
         quantize_dynamic(str(parent), str(out), weight_type=QuantType.QInt8, per_channel=options["per_channel"],
                          reduce_range=options["reduce_range"], use_external_data_format=large)
@@ -429,15 +444,21 @@ class _Reader:
 MODEL_STAGE_FUNCTIONS = {"export": export, "prune": prune, "recover": recover, "fuse": fuse, "quantize": quantize}
 
 
-def portable_tokenizer(folder: Path) -> None:
+def portable_tokenizer(folder: Path, causal: bool = False) -> None:
     """Name the tokenizer class as transformers 4.x knows it (5 writes `TokenizersBackend`), so that
-    Optimum's environment reads the folder too."""
+    Optimum's environment reads the folder too; a causal LM's tokenizer gives only the inputs its
+    model takes (otherwise `generate` refuses the `token_type_ids` it would add)."""
     path = folder / "tokenizer_config.json"
-    if path.is_file():
-        settings = json.loads(path.read_text())
-        if settings.get("tokenizer_class") == "TokenizersBackend":
-            settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-            path.write_text(json.dumps(settings, indent=2) + "\n")
+    if not path.is_file():
+        return
+    settings = json.loads(path.read_text())
+    changed = dict(settings)
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        changed["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if causal:
+        changed["model_input_names"] = ["input_ids", "attention_mask"]
+    if changed != settings:
+        path.write_text(json.dumps(changed, indent=2) + "\n")
 
 
 def copy_tokenizer(source: Path | None, target: Path) -> list[str]:
