@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphprune.tools.text import english_sentences, other_sentences  # noqa: F401 (re-exported)
+from graphprune.tools.text import english_sentences, mean_pool, other_sentences  # noqa: F401 (re-exported)
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 
@@ -70,13 +70,6 @@ def tokenize(sentences: list[str], seq: int = 128) -> dict[str, np.ndarray]:
     """int64 `input_ids` and `attention_mask` of shape [len(sentences), seq] (padded, truncated)."""
     encoded = tokenizer()(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
     return {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES}
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Masked mean over tokens, L2-normalized: the sentence embedding."""
-    weights = mask[..., None].astype(np.float64)
-    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:

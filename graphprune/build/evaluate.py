@@ -20,6 +20,7 @@ from graphprune.build.stages import StageError
 from graphprune.errors import VerificationError
 from graphprune.ir.model import check_model, first_line
 from graphprune.tools.bench import bench_models, providers_for
+from graphprune.tools.text import mean_pool
 
 if TYPE_CHECKING:
     from graphprune.build.data import Data
@@ -49,12 +50,6 @@ def _outputs(path, feeds: dict[str, np.ndarray], provider: str, threads: int) ->
     return np.concatenate(parts)
 
 
-def _pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    weights = mask[..., None].astype(np.float64)
-    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-
-
 def _rows(values: np.ndarray) -> np.ndarray:
     flat = values.reshape(len(values), -1).astype(np.float64)
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
@@ -66,7 +61,7 @@ def quality(got: np.ndarray, dense: np.ndarray, feeds: dict[str, np.ndarray], la
     figures: dict[str, float] = {}
     if got.ndim == 3 and "attention_mask" in feeds:
         mask = feeds["attention_mask"]
-        figures["cosine"] = float(np.mean(np.sum(_pooled(got, mask) * _pooled(dense, mask), axis=1)))
+        figures["cosine"] = float(np.mean(np.sum(mean_pool(got, mask) * mean_pool(dense, mask), axis=1)))
     else:
         figures["cosine"] = float(np.mean(np.sum(_rows(got) * _rows(dense), axis=1)))
     if got.ndim == 2 and got.shape[1] > 1:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import graphprune
 from graphprune.build.config import BuildConfig
+from graphprune.ir.model import model_bytes
 
 if TYPE_CHECKING:
     from graphprune.build.runner import Step
@@ -34,7 +35,7 @@ def build_report(config: BuildConfig, ctx: Context, steps: list[Step], written: 
         rows.append({"row": label, "stage": "source" if step is None and ctx.source_model() is not None
                      else "export" if step is None else step.name,
                      "reference": bool(step and step.reference), "params": _params(path),
-                     "macs": timing.get("macs"), "file_bytes": timing.get("file_bytes", _file_bytes(path)),
+                     "macs": timing.get("macs"), "file_bytes": timing.get("file_bytes", None if path is None else model_bytes(path)),
                      "latency_ms": timing.get("latency_ms_median"), "speedup": timing.get("speedup"),
                      "speedup_rounds": timing.get("speedup_rounds"), "metric": checked.get("metric"),
                      "quality": checked.get("value"), "quality_all": checked.get("quality")})
@@ -62,14 +63,6 @@ def _params(path: Path | None) -> int | None:
                onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
     proto = onnx.load(str(path), load_external_data=False)
     return int(sum(np.prod(t.dims) for t in proto.graph.initializer if t.data_type in weights))
-
-
-def _file_bytes(path: Path | None) -> int | None:
-    if path is None:
-        return None
-    from graphprune.ir.model import model_files
-
-    return sum(p.stat().st_size for p in model_files(path) if p.is_file())
 
 
 def _form(row: str) -> str:

@@ -27,7 +27,7 @@ from graphprune.build import stages
 from graphprune.build.config import BuildConfig
 from graphprune.build.data import fingerprint
 from graphprune.errors import GraphpruneError
-from graphprune.ir.model import first_line, model_files, save_model
+from graphprune.ir.model import first_line, model_bytes, model_files, save_model
 from graphprune.tools import progress
 
 logger = logging.getLogger(__name__)
@@ -317,8 +317,7 @@ def _write_output(ctx: stages.Context, output: Path, final_model: Path, pruned: 
     from graphprune.tools.configs import ConfigError, write_config
 
     config = ctx.config
-    large = sum(p.stat().st_size for p in model_files(final_model) if p.is_file()) > \
-        config["build"]["external_data_mb"] << 20
+    large = model_bytes(final_model) > config["build"]["external_data_mb"] << 20
     for stale in (output / stages.MODEL, output / (stages.MODEL + ".data")):
         stale.unlink(missing_ok=True)
     save_model(load_model(final_model), output / stages.MODEL, external=True if large else None)

@@ -22,7 +22,7 @@ import onnx
 from graphprune.build.config import BuildConfig
 from graphprune.build.data import Data, load_data
 from graphprune.errors import GraphpruneError
-from graphprune.ir.model import first_line, load_model, save_model
+from graphprune.ir.model import first_line, load_model, model_bytes, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def _head_count(prune_report: Path | None, hf_config: dict) -> tuple[int, int]:
 
 
 def _large(path: Path) -> bool:
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) > 1 << 30
+    return model_bytes(path) > 1 << 30
 
 
 # -- quantize ----------------------------------------------------------------------------------------

@@ -576,6 +576,11 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                                  f"(needs bytes {offset}..{offset + length}, file has {size})")
 
 
+def model_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model: the .onnx file and the external data files it names."""
+    return sum(p.stat().st_size for p in model_files(path) if p.is_file())
+
+
 def model_files(path: str | os.PathLike) -> set[Path]:
     """The model file and every external data file it names (resolved), as far as readable."""
     path = Path(path)

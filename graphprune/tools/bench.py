@@ -31,7 +31,7 @@ from graphprune import runtime
 from graphprune.analysis import cost
 from graphprune.analysis.state import cache_pairs, fit_empty_inputs
 from graphprune.errors import OptionError
-from graphprune.ir.model import Model, load_model
+from graphprune.ir.model import Model, load_model, model_bytes
 from graphprune.tools.perplexity import causal_feeds
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,6 @@ class BenchResult:
 CSV_FIELDS = ("path", "params", "macs", "file_bytes", "batch", "provider", "shapes", "latency_ms_median",
               "latency_ms_p90", "latency_ms_p99", "throughput", "peak_memory_mb", "speedup", "speedup_min",
               "speedup_max")
-
-
-def _file_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def providers_for(name: str) -> list[str]:
@@ -251,7 +246,7 @@ def bench_models(paths: list[Path], batch: int = 1, threads: int = 2, runs: int 
         rounds = [round(per_round[0][r] / per_round[i][r], 4) for r in range(repeats)]
         peak = peak_memory_mb(path, model_feeds, threads, chosen) if memory else None
         results.append(BenchResult(
-            str(path), model.param_count(), macs_at(model, model_shapes), _file_bytes(Path(path)), samples,
+            str(path), model.param_count(), macs_at(model, model_shapes), model_bytes(path), samples,
             sess.get_providers()[0], model_shapes, median * 1e3, float(np.percentile(times[i], 90)) * 1e3,
             float(np.percentile(times[i], 99)) * 1e3, samples / median, peak, base_median / median, rounds))
     return results

@@ -1,12 +1,15 @@
 """English sentences from bundled, offline sources: calibration text (Python's own documentation,
 `pydoc_data.topics`) and evaluation text from other sources (scikit-learn's data-set descriptions,
-the system's software licences). No torch, no tokenizer."""
+the system's software licences), and the sentence embedding of a text encoder's token states.
+No torch, no tokenizer."""
 
 from __future__ import annotations
 
 import re
 from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 
 def _sentences(texts: list[str]) -> tuple[str, ...]:
@@ -47,3 +50,10 @@ def other_sentences() -> tuple[str, ...]:
         texts += [path.read_text(encoding="utf-8", errors="replace") for path in sorted(LICENSES.iterdir())
                   if path.is_file()]
     return _sentences(texts)
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Masked mean over tokens, L2-normalized: the sentence embedding."""
+    weights = mask[..., None].astype(np.float64)
+    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
